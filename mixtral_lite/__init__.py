@@ -1,0 +1,1 @@
+"""mixtral-lite: Mixtral and Mistral with experts offloaded to host memory."""

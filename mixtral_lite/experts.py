@@ -1,0 +1,77 @@
+"""The seam between the MoE block and wherever its experts live.
+
+The MoE block computes the router, picks top-k experts and their weights, and hands
+them to an `ExpertProvider`. `ResidentExperts` keeps every expert on the device; the
+offload engine (`mixtral_lite.offloading`) implements the same interface with a device
+cache fed from host memory. The model never knows which one it has.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """One Mixtral expert: (SiLU(x w1^T) * (x w3^T)) w2^T."""
+    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+class ExpertProvider(Protocol):
+    """Runs the chosen experts of one layer and sums their outputs."""
+
+    def run(
+        self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+        next_guess: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Sum over a of weights[t, a] * expert_{ids[t, a]}(x[t]).
+
+        x [T, D]; ids [T, A] int64; weights [T, A] in x.dtype; returns [T, D].
+        next_guess [T, A] (or None): the next layer's router applied to this layer's
+        input, a guess of what layer + 1 will choose, for speculative prefetch. The
+        provider reads ids and next_guess to the host together: one sync per layer.
+        """
+        ...
+
+    @property
+    def wants_guess(self) -> bool:
+        """True when the model should compute next_guess (costs one router matmul)."""
+        ...
+
+
+def run_grouped(x: torch.Tensor, ids_host: list[list[int]], weights: torch.Tensor, get_expert) -> torch.Tensor:
+    """Group tokens by expert and accumulate; get_expert(e) -> (w1, w2, w3).
+
+    ids_host is ids as nested Python lists (already on the host), so this adds no sync.
+    """
+    out = torch.zeros_like(x)
+    if len(ids_host) == 1:  # decode: one token, no gather/scatter
+        for a, e in enumerate(ids_host[0]):
+            out += weights[:, a : a + 1] * swiglu_expert(x, *get_expert(e))
+        return out
+    by_expert: dict[int, tuple[list[int], list[int]]] = {}
+    for t, row in enumerate(ids_host):
+        for a, e in enumerate(row):
+            tok, slot = by_expert.setdefault(e, ([], []))
+            tok.append(t)
+            slot.append(a)
+    for e, (tok, slot) in by_expert.items():
+        tok_idx = torch.tensor(tok, device=x.device)
+        w = weights[tok_idx, torch.tensor(slot, device=x.device)].unsqueeze(1)
+        out.index_add_(0, tok_idx, w * swiglu_expert(x[tok_idx], *get_expert(e)))
+    return out
+
+
+class ResidentExperts:
+    """Every expert of every layer on the device: w1/w3 [L][E, I, D], w2 [L][E, D, I]."""
+
+    wants_guess = False
+
+    def __init__(self, w1: list[torch.Tensor], w2: list[torch.Tensor], w3: list[torch.Tensor]):
+        self.w1, self.w2, self.w3 = w1, w2, w3
+
+    def run(self, layer, x, ids, weights, next_guess=None):
+        w1, w2, w3 = self.w1[layer], self.w2[layer], self.w3[layer]
+        return run_grouped(x, ids.tolist(), weights, lambda e: (w1[e], w2[e], w3[e]))

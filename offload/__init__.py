@@ -1,0 +1,1 @@
+"""offload: model-agnostic storage, caching and movement of MoE experts."""
