@@ -1,0 +1,69 @@
+"""How a packed expert's bytes become the matrices the expert function multiplies with.
+
+The seam between storage and compute. The store and the device cache move opaque
+uint8 buffers laid out by `codec.layout`; at compute time the engine hands the codec
+named views into the device slot (`offload.packing.views(slot, codec.layout)`) and
+gets back the expert's matrices in the compute dtype on the device:
+
+    codec.layout                      # Layout of ONE packed expert (same for every expert)
+    mats = codec.decode(views)        # tuple of device tensors, in `codec.names` order
+    y = expert_fn(x, *mats)           # e.g. swiglu_expert(x, w1, w2, w3)
+
+Contract for implementations (plain here; HQQ in offload/quant.py):
+- `layout`: a `Layout` whose `nbytes` is exactly what crosses the bus per expert.
+- `names`: the matrix names decode returns, in order (e.g. ("w1", "w2", "w3")).
+- `decode(views)`: `views` maps every entry name of `layout` to a tensor viewing the
+  device slot (no copy was made). Returns the matrices on the slot's device in the
+  codec's compute dtype. It must not allocate per call: any dequantized or converted
+  output goes into scratch buffers the codec allocated once in its constructor, so the
+  result is valid only until the next `decode` call (the engine consumes it first).
+  It must not write into `views` (slots are shared cache state, never written back).
+- `decode` may return the views themselves when they already are the matrices.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from offload.packing import _DTYPES, Layout
+
+
+class ExpertCodec(Protocol):
+    layout: Layout
+    names: tuple[str, ...]
+
+    def decode(self, views: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]: ...
+
+
+class PlainCodec:
+    """Unquantized experts: the packed buffer holds the matrices in their stored dtype.
+
+    When the stored dtype is the compute dtype, decode returns the slot views (zero
+    copy). Otherwise (e.g. bf16 checkpoint, fp32 compute) it converts into scratch
+    buffers allocated once here.
+    """
+
+    def __init__(
+        self, layout: Layout, names: tuple[str, ...], dtype: torch.dtype, device: torch.device | str
+    ):
+        entries = {e.name: e for e in layout.entries}
+        missing = [n for n in names if n not in entries]
+        if missing:
+            raise ValueError(f"layout has no tensors {missing}; it holds {sorted(entries)}")
+        self.layout, self.names, self.dtype = layout, tuple(names), dtype
+        self._scratch: dict[str, torch.Tensor] = {}
+        for n in names:
+            if _DTYPES[entries[n].dtype] != dtype:
+                self._scratch[n] = torch.empty(entries[n].shape, dtype=dtype, device=device)
+
+    def decode(self, views: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        out = []
+        for n in self.names:
+            buf = self._scratch.get(n)
+            if buf is None:
+                out.append(views[n])
+            else:
+                out.append(buf.copy_(views[n]))
+        return tuple(out)
