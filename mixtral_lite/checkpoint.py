@@ -1,0 +1,128 @@
+"""Read a Hugging Face checkpoint lazily: one model.safetensors or index-listed shards.
+
+Tensors are opened with safetensors' safe_open (memory-mapped) and read one at a time,
+so the checkpoint is never held twice in memory. Every problem names the file and tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import ModelConfig
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config; the message names file and tensor."""
+
+
+def expert_name(layer: int, expert: int, w: str) -> str:
+    """HF name of one expert matrix; w is "w1", "w2" or "w3"."""
+    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight"
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint for `cfg` must hold, with its shape."""
+    d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, d)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+                   p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
+                   p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q)}
+        if cfg.is_moe:
+            shapes[p + "block_sparse_moe.gate.weight"] = (cfg.num_experts, d)
+            for e in range(cfg.num_experts):
+                shapes |= {expert_name(i, e, "w1"): (cfg.intermediate_size, d),
+                           expert_name(i, e, "w3"): (cfg.intermediate_size, d),
+                           expert_name(i, e, "w2"): (d, cfg.intermediate_size)}
+        else:
+            i_, m = cfg.intermediate_size, p + "mlp."
+            shapes |= {m + "gate_proj.weight": (i_, d), m + "up_proj.weight": (i_, d),
+                       m + "down_proj.weight": (d, i_)}
+    return shapes
+
+
+def shard_map(path: Path) -> dict[str, Path]:
+    """tensor name -> the safetensors file holding it."""
+    if (path / INDEX).is_file():
+        try:
+            weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{path / INDEX}: not a safetensors index ({e})") from None
+        return {name: path / shard for name, shard in weight_map.items()}
+    if (path / SINGLE).is_file():
+        return {name: path / SINGLE for name in _open(path / SINGLE).keys()}
+    raise CheckpointError(f"{path}: neither {SINGLE} nor {INDEX} found")
+
+
+def _open(file: Path):
+    if not file.is_file():
+        raise CheckpointError(f"{file}: shard is missing")
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+class Checkpoint:
+    """Lazy, validated access to a checkpoint's tensors by HF name."""
+
+    def __init__(self, path: str | Path, config: ModelConfig | None = None):
+        self.path = Path(path)
+        self.config = config or ModelConfig.from_dir(self.path)
+        self._where = shard_map(self.path)
+        self._files: dict[Path, object] = {}
+        self._expected = expected_shapes(self.config)
+        self._validate()
+
+    def _handle(self, file: Path):
+        if file not in self._files:
+            self._files[file] = _open(file)
+        return self._files[file]
+
+    def _validate(self) -> None:
+        missing = sorted(set(self._expected) - set(self._where))
+        if missing:
+            raise CheckpointError(f"{self.path}: tensor {missing[0]!r} is missing"
+                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        extra = sorted(n for n in set(self._where) - set(self._expected)
+                       if not (self.config.tie_word_embeddings and n == "lm_head.weight"))
+        if extra:
+            raise CheckpointError(f"{self._where[extra[0]]}: unexpected tensor {extra[0]!r} for this config")
+        for name, shape in self._expected.items():
+            file = self._where[name]
+            handle = self._handle(file)
+            if name not in handle.keys():
+                raise CheckpointError(f"{file}: tensor {name!r} listed in the index is not in the shard")
+            got = tuple(handle.get_slice(name).get_shape())
+            if got != shape:
+                raise CheckpointError(f"{file}: tensor {name!r} has shape {got}, config implies {shape}")
+
+    def names(self) -> list[str]:
+        return list(self._expected)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._expected[name]
+
+    def file_of(self, name: str) -> Path:
+        return self._where[name]
+
+    def get(self, name: str, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        """Read one tensor, cast to dtype, on device."""
+        file = self._where.get(name)
+        if file is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is not in this checkpoint")
+        try:
+            t = self._handle(file).get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{file}: tensor {name!r} cannot be read ({e})") from None
+        return t.to(device=device, dtype=dtype)

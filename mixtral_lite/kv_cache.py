@@ -1,0 +1,121 @@
+"""A fixed-size rolling KV cache: W slots per layer, slot = index mod W.
+
+Keys enter the cache already rotated (RoPE at absolute positions), so a slot never needs
+re-rotation when it is reused. Memory is W x layers x kv_heads x head_dim x 2 (x batch x
+dtype size) whatever the number of tokens generated: the buffers are allocated once.
+
+Indices and positions. Every row of a batch advances through the same *index*
+0, 1, 2, ...; a left-padded row b starts its real tokens at index pad[b], so its RoPE
+*position* is index - pad[b] (as transformers computes position_ids from the attention
+mask). Attention only depends on index differences, so one shared index per step serves
+every row; padding slots are marked invalid per row and never attended to.
+
+Worked example, W = 4, one row, 6 tokens decoded one by one:
+
+    index:        0  1  2  3  4  5
+    slot:         0  1  2  3  0  1
+    after index 5 the slots hold indices [4, 5, 2, 3]; the query at index 5 attends to
+    indices 2..5 (q - k < W), i.e. all four slots.
+
+A prompt chunk of C tokens (chunked prefill, any C) attends over the cache as it was
+before the chunk plus the chunk itself, and is written afterwards, so a chunk longer
+than W never overwrites keys its own earlier queries still need.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RollingKVCache:
+    # k, v: [L, B, Hkv, W, Dh]; slot_index: [W] index held by each slot (-1 = empty);
+    # valid: [B, W] False where the slot holds a padding token of that row.
+    def __init__(self, num_layers: int, batch: int, window: int, num_kv_heads: int, head_dim: int,
+                 device: torch.device | str, dtype: torch.dtype):
+        if window <= 0:
+            raise ValueError(f"KV cache window must be positive, got {window}")
+        shape = (num_layers, batch, num_kv_heads, window, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.slot_index = torch.full((window,), -1, device=device, dtype=torch.long)
+        self.valid = torch.zeros((batch, window), device=device, dtype=torch.bool)
+        self.pad = torch.zeros(batch, device=device, dtype=torch.long)
+        self.window, self.batch = window, batch
+        self.index = 0  # index of the next token (host int: no sync to read it)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.slot_index, self.valid, self.pad))
+
+    def reset(self, pad: torch.Tensor | None = None) -> None:
+        """Start a new sequence (pad[b] = left-padding tokens of row b) without reallocating."""
+        self.slot_index.fill_(-1)
+        self.valid.zero_()
+        self.pad.copy_(pad if pad is not None else torch.zeros_like(self.pad))
+        self.index = 0
+
+    def positions(self, num_tokens: int) -> torch.Tensor:
+        """RoPE positions [B, T] of the next num_tokens tokens (negative for padding)."""
+        idx = torch.arange(self.index, self.index + num_tokens, device=self.pad.device)
+        return idx.unsqueeze(0) - self.pad.unsqueeze(1)
+
+    def begin(self, num_tokens: int) -> torch.Tensor:
+        """Prepare a step of num_tokens new tokens; returns the mask [B, 1, T, S] (True = attend).
+
+        The mask is computed once per step and shared by every layer.
+        """
+        T, W = num_tokens, self.window
+        self._q_idx = q_idx = torch.arange(self.index, self.index + T, device=self.pad.device)
+        self._decode = T == 1 and self.index > 0
+        if self._decode:  # write first, then attend over the filled slots
+            self._mark(q_idx)
+            n = min(self.index + 1, W)
+            k_idx, k_valid = self.slot_index[:n], self.valid[:, :n]
+        else:  # prefill chunk: the cache as it was + the chunk itself
+            n = min(self.index, W)
+            k_idx = torch.cat([self.slot_index[:n], q_idx])
+            k_valid = torch.cat([self.valid[:, :n], self._real(q_idx)], dim=1)
+        self._n = n
+        dist = q_idx[:, None] - k_idx[None, :]  # [T, S]
+        mask = ((dist >= 0) & (dist < W) & (k_idx[None, :] >= 0))[None] & k_valid[:, None, :]
+        mask |= dist[None] == 0  # every query sees itself: padding rows never get an empty softmax
+        return mask.unsqueeze(1)
+
+    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new keys/values; return the keys and values to attend over.
+
+        k, v: [B, Hkv, T, Dh] for the T new tokens (already rotated); returns [B, Hkv, S, Dh] x 2.
+        """
+        n = self._n
+        if self._decode:
+            self._store(layer, k, v)
+            return self.k[layer, :, :, :n], self.v[layer, :, :, :n]
+        keys = torch.cat([self.k[layer, :, :, :n], k], dim=2)
+        values = torch.cat([self.v[layer, :, :, :n], v], dim=2)
+        self._store(layer, k, v)
+        return keys, values
+
+    def end(self) -> None:
+        """Finish the step begun by begin(), after every layer has called attend()."""
+        if not self._decode:
+            self._mark(self._q_idx)
+        self.index += len(self._q_idx)
+
+    def _real(self, q_idx: torch.Tensor) -> torch.Tensor:
+        return q_idx[None, :] >= self.pad[:, None]  # [B, T]
+
+    def _kept(self, q_idx: torch.Tensor) -> torch.Tensor:
+        return q_idx[-self.window :]  # a chunk longer than W keeps only its last W tokens
+
+    def _mark(self, q_idx: torch.Tensor) -> None:
+        q_idx = self._kept(q_idx)
+        slots = q_idx % self.window
+        self.slot_index.index_copy_(0, slots, q_idx)
+        self.valid.index_copy_(1, slots, self._real(q_idx))
+
+    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        q_idx = self._kept(self._q_idx)
+        keep = len(q_idx)
+        slots = q_idx % self.window
+        self.k[layer].index_copy_(2, slots, k[:, :, -keep:])
+        self.v[layer].index_copy_(2, slots, v[:, :, -keep:])

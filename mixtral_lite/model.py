@@ -1,0 +1,248 @@
+"""Mixtral / Mistral in plain PyTorch: RMSNorm, RoPE, GQA attention, MoE block, Transformer.
+
+Shape legend: B = batch, T = new tokens, S = attended keys, D = hidden, H = heads,
+Hkv = kv heads, Dh = head dim, E = experts, A = experts per token, V = vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .experts import ExpertProvider
+from .kv_cache import RollingKVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32, scale in the input dtype: what transformers does, bit for bit
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Rotary:
+    """RoPE at absolute positions (rotate-half layout, as in the HF checkpoints)."""
+
+    def __init__(self, head_dim: int, theta: float, device):
+        exps = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+        self.inv_freq = 1.0 / (theta**exps)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
+        # positions [B, T] -> cos, sin [B, 1, T, Dh]
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, dh = cfg.hidden_size, cfg.head_dim
+        self.h, self.hkv, self.dh = cfg.num_heads, cfg.num_kv_heads, dh
+        self.q_proj = nn.Linear(d, self.h * dh, bias=False)
+        self.k_proj = nn.Linear(d, self.hkv * dh, bias=False)
+        self.v_proj = nn.Linear(d, self.hkv * dh, bias=False)
+        self.o_proj = nn.Linear(self.h * dh, d, bias=False)
+
+    def forward(self, x, layer: int, cache: RollingKVCache, rope, mask):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.h, self.dh).transpose(1, 2)  # [B, H, T, Dh]
+        k = self.k_proj(x).view(B, T, self.hkv, self.dh).transpose(1, 2)  # [B, Hkv, T, Dh]
+        v = self.v_proj(x).view(B, T, self.hkv, self.dh).transpose(1, 2)
+        q, k = rotate(q, *rope), rotate(k, *rope)
+        keys, values = cache.attend(layer, k, v)  # [B, Hkv, S, Dh]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.h != self.hkv)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.h * self.dh))
+
+
+class MLP(nn.Module):
+    """Mistral's dense SwiGLU MLP."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """Router + top-k; the experts themselves live behind an ExpertProvider."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.top_k = cfg.experts_per_tok
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x [N, D] -> weights [N, A] fp32, ids [N, A]; softmax and renormalisation in fp32
+        probs = F.softmax(self.router(x).float(), dim=-1)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        return weights / weights.sum(dim=-1, keepdim=True), ids
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        self.index = index
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.moe = MoE(cfg) if cfg.is_moe else None
+        self.mlp = None if cfg.is_moe else MLP(cfg)
+
+    def forward(self, h, cache, rope, mask, experts: ExpertProvider | None, next_block: Block | None):
+        h = h + self.attn(self.input_norm(h), self.index, cache, rope, mask)
+        x = self.post_attention_norm(h)
+        if self.mlp is not None:
+            return h + self.mlp(x)
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        weights, ids = self.moe.route(flat)
+        guess = None
+        if next_block is not None and experts.wants_guess:
+            # the next layer's router on this layer's residual: a guess to prefetch by
+            guess = torch.topk(next_block.moe.router(next_block.post_attention_norm(h)).reshape(B * T, -1),
+                               self.moe.top_k, dim=-1).indices
+        return h + experts.run(self.index, flat, ids, weights, guess).view(B, T, D)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.experts: ExpertProvider | None = None
+        self.rotary: Rotary | None = None
+
+    def new_cache(self, batch: int, window: int) -> RollingKVCache:
+        p = self.embed.weight
+        c = self.config
+        return RollingKVCache(c.num_layers, batch, window, c.num_kv_heads, c.head_dim, p.device, p.dtype)
+
+    def forward(self, tokens: torch.Tensor, cache: RollingKVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only).
+
+        Without a cache: plain causal attention over `tokens` (sliding window respected).
+        """
+        B, T = tokens.shape
+        if cache is None:
+            cache = self.new_cache(B, self.config.sliding_window or T)
+        if self.rotary is None:
+            self.rotary = Rotary(self.config.head_dim, self.config.rope_theta, tokens.device)
+        h = self.embed(tokens)
+        rope = self.rotary.cos_sin(cache.positions(T), h.dtype)
+        mask = cache.begin(T)
+        for i, block in enumerate(self.layers):
+            nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            h = block(h, cache, rope, mask, self.experts, nxt)
+        cache.end()
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(self.norm(h))
+
+
+def _module_name(hf_name: str) -> str:
+    """HF tensor name -> this module's parameter name."""
+    name = hf_name.removeprefix("model.")
+    for hf, ours in ((".input_layernorm.", ".input_norm."),
+                     (".post_attention_layernorm.", ".post_attention_norm."),
+                     (".self_attn.", ".attn."), (".block_sparse_moe.gate.", ".moe.router."),
+                     ("embed_tokens.", "embed.")):
+        name = name.replace(hf, ours)
+    return name
+
+
+def resident_experts(cfg: ModelConfig, ckpt, device, dtype):
+    """Every expert on the device, stacked per layer; read one matrix at a time."""
+    from .checkpoint import expert_name
+    from .experts import ResidentExperts
+
+    d, i_ = cfg.hidden_size, cfg.intermediate_size
+    stacks = {w: [] for w in ("w1", "w2", "w3")}
+    for layer in range(cfg.num_layers):
+        for w, shape in (("w1", (i_, d)), ("w2", (d, i_)), ("w3", (i_, d))):
+            stack = torch.empty((cfg.num_experts, *shape), device=device, dtype=dtype)
+            for e in range(cfg.num_experts):
+                stack[e].copy_(ckpt.get(expert_name(layer, e, w), dtype, device))
+            stacks[w].append(stack)
+    return ResidentExperts(stacks["w1"], stacks["w2"], stacks["w3"])
+
+
+def load_model(path, *, device="cpu", dtype: torch.dtype = torch.float32, experts=None) -> Transformer:
+    """Build the model from a checkpoint folder (HF layout or a quantized store).
+
+    experts: optional factory (config, checkpoint, device, dtype) -> ExpertProvider that
+    replaces loading every expert onto the device (the offload engine passes one).
+    """
+    from .checkpoint import Checkpoint
+
+    ckpt = _open_store(path)
+    cfg = ckpt.config
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    params = dict(model.named_parameters())
+    for name in ckpt.names():
+        if ".experts." in name:
+            continue
+        ours = _module_name(name)
+        if ours not in params:
+            raise KeyError(f"{ckpt.path}: tensor {name!r} has no place in the model")
+        module, _, attr = ours.rpartition(".")
+        setattr(model.get_submodule(module), attr,
+                nn.Parameter(ckpt.get(name, dtype, device), requires_grad=False))
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
+    if cfg.is_moe:
+        if experts is None and not isinstance(ckpt, Checkpoint):
+            experts = _default_store_experts()
+        model.experts = (experts or resident_experts)(cfg, ckpt, device, dtype)
+    check_loaded(model)
+    return model.eval()
+
+
+def _open_store(path):
+    """A Checkpoint for HF folders, the quantized store's reader for quantize_experts output."""
+    from pathlib import Path
+
+    from .checkpoint import Checkpoint
+
+    try:
+        from . import qstore
+    except ImportError:
+        qstore = None
+    if qstore is not None and qstore.is_quantized_store(Path(path)):
+        return qstore.open_store(Path(path))
+    return Checkpoint(path)
+
+
+def _default_store_experts():
+    from . import offloading
+
+    return offloading.default_factory()
+
+
+def check_loaded(model: Transformer) -> None:
+    """Every parameter came from the checkpoint (none left on the meta device)."""
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise RuntimeError(f"parameters not found in the checkpoint: {left[:3]}")
