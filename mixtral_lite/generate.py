@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     factory = offloading.build(args, ModelConfig.from_dir(args.model), device, dtype) if offloading else None
     model = load_model(args.model, device=device, dtype=dtype, experts=factory)
     tok = Tokenizer.from_dir(args.model)
+    if tok.vocab_size > model.config.vocab_size:
+        raise SystemExit(f"error: {args.model}: tokenizer.model has {tok.vocab_size} pieces but the model's "
+                         f"vocab_size is {model.config.vocab_size}")
     load_s = time.perf_counter() - t0
     ids = tok.encode_chat([{"role": "user", "content": text}]) if args.chat else tok.encode(text)
     stats = run(model, tok, ids, args, device)
