@@ -1,0 +1,145 @@
+"""Run one layer's chosen experts out of the device cache, loading what is missing.
+
+Ties the parts together: a store (host bytes), an ExpertCache (device slots + policy),
+a Transfer (copies), a codec (bytes -> matrices), an expert function (the math; the
+model supplies it, e.g. SwiGLU), and a Prefetcher (guesses for the next layer).
+
+One step of layer l, given ids already on the host (the caller's single sync):
+  1. group tokens by expert; every needed expert is pinned until it has been computed;
+  2. start loads for the misses (as many as slots allow without touching pinned ones);
+  3. start the prefetch of the guessed experts into layer l+1's slots (never layer l's);
+  4. compute resident experts first, then misses as they arrive; each computed expert
+     is unpinned, freeing its slot for misses still pending (prefill with > K experts);
+  5. sum the outputs in the same order as `run_grouped` (so fp results are bitwise equal
+     to all-resident experts, whatever order the experts were computed in).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+import torch
+
+from offload.cache import ExpertCache
+from offload.codec import ExpertCodec
+from offload.packing import views
+from offload.prefetch import Prefetcher
+from offload.stats import OffloadStats
+from offload.store import ExpertStore
+from offload.transfer import make_transfer
+
+
+def group_by_expert(ids_host: list[list[int]]) -> dict[int, tuple[list[int], list[int]]]:
+    """expert -> (token indices, choice indices), experts in order of first use."""
+    groups: dict[int, tuple[list[int], list[int]]] = {}
+    for t, row in enumerate(ids_host):
+        for a, e in enumerate(row):
+            tok, choice = groups.setdefault(e, ([], []))
+            tok.append(t)
+            choice.append(a)
+    return groups
+
+
+class OffloadEngine:
+    def __init__(
+        self, store: ExpertStore, codec: ExpertCodec, expert_fn: Callable[..., torch.Tensor],
+        slots: int, device: torch.device | str, policy: str = "lru", prefetch: bool = True,
+    ):
+        if codec.layout != store.layout:
+            raise ValueError("the codec's layout differs from the store's packed layout")
+        self.store, self.codec, self.expert_fn, self.prefetch = store, codec, expert_fn, prefetch
+        self.layers, self.num_experts = store.num_layers, store.num_experts
+        self.cache = ExpertCache(self.layers, self.num_experts, slots, store.layout.nbytes, device, policy)
+        self.transfer = make_transfer(device, self.layers * slots, store.layout.nbytes)
+        # views of every slot, built once: decoding a slot allocates nothing
+        self._views = [[views(self.cache.buffer(layer, s), store.layout) for s in range(slots)]
+                       for layer in range(self.layers)]
+        self.prefetcher = Prefetcher(self.layers)
+        self.counters = OffloadStats()
+
+    def _load(self, layer: int, expert: int, pinned: set[int]) -> None:
+        slot, evicted = self.cache.place(layer, expert, pinned)
+        if evicted is not None:
+            self.prefetcher.evicted(layer, evicted)
+        self.transfer.load(self.store.pieces(layer, expert), self.cache.buffer(layer, slot),
+                           self.cache.key(layer, slot), self.store.pinned)
+        self.store.release(layer, expert)
+        self.counters.loads[(layer, expert)] += 1
+
+    def _issue(self, layer: int, pending: deque[int], pinned: set[int]) -> None:
+        while pending and self.cache.can_place(layer, pinned):
+            self._load(layer, pending.popleft(), pinned)
+
+    def _prefetch(self, layer: int, guess_rows: list[list[int]]) -> None:
+        want = self.prefetcher.plan(layer, guess_rows, self.cache.slots)
+        keep = set(want)  # a guess never evicts another guess of the same step
+        for e in want:
+            if self.cache.slot_of(layer, e) is not None:
+                continue
+            if not self.cache.can_place(layer, keep):
+                break
+            self._load(layer, e, keep)
+            self.prefetcher.loaded(layer, e)
+
+    def _compute(self, layer: int, expert: int, x: torch.Tensor, tok: list[int]) -> torch.Tensor:
+        slot = self.cache.slot_of(layer, expert)
+        key = self.cache.key(layer, slot)
+        self.transfer.wait(key)
+        mats = self.codec.decode(self._views[layer][slot])
+        xs = x if len(tok) == x.shape[0] == 1 else x[torch.tensor(tok, device=x.device)]
+        y = self.expert_fn(xs, *mats)
+        self.transfer.release(key)
+        return y
+
+    def run(
+        self, layer: int, x: torch.Tensor, ids_host: list[list[int]], weights: torch.Tensor,
+        guess_host: list[list[int]] | None = None,
+    ) -> torch.Tensor:
+        """Sum over a of weights[t, a] * expert_{ids[t][a]}(x[t]); x [T, D], weights [T, A] -> [T, D]."""
+        groups = group_by_expert(ids_host)
+        needed = list(groups)
+        self.prefetcher.observe(layer, set(needed))
+        hits = [e for e in needed if self.cache.slot_of(layer, e) is not None]
+        misses = [e for e in needed if self.cache.slot_of(layer, e) is None]
+        self.counters.hits += len(hits)
+        self.counters.misses += len(misses)
+        if layer == 0:
+            self.counters.tokens += x.shape[0]
+        for e in needed:
+            self.cache.access(layer, e)
+        pinned, pending = set(needed), deque(misses)
+        self._issue(layer, pending, pinned)
+        if self.prefetch and guess_host is not None and layer + 1 < self.layers:
+            self._prefetch(layer + 1, guess_host)
+        outputs = {}
+        for e in hits + misses:  # resident first, while the misses are in flight
+            if self.cache.slot_of(layer, e) is None:
+                self._issue(layer, pending, pinned)
+            outputs[e] = self._compute(layer, e, x, groups[e][0])
+            pinned.discard(e)
+            self._issue(layer, pending, pinned)
+        self.cache.tick(layer)
+        return _accumulate(x, groups, outputs, weights)
+
+    def stats(self) -> dict:
+        p = self.prefetcher
+        return self.counters.report(
+            bytes_h2d=self.transfer.bytes_copied, stall_s=self.transfer.stall_seconds(),
+            pool_bytes=self.cache.allocated_bytes, expert_bytes=self.store.layout.nbytes,
+            prefetch_issued=p.issued, prefetch_used=p.used, prefetch_recall=p.recall(),
+        )
+
+
+def _accumulate(x: torch.Tensor, groups: dict, outputs: dict, weights: torch.Tensor) -> torch.Tensor:
+    """Same operations, same order as mixtral_lite.experts.run_grouped: bitwise-equal sums."""
+    out = torch.zeros_like(x)
+    if x.shape[0] == 1:  # decode: experts in choice order
+        for e, (_, choice) in groups.items():  # first use = choice order when T == 1
+            out += weights[:, choice[0] : choice[0] + 1] * outputs[e]
+        return out
+    for e, (tok, choice) in groups.items():
+        tok_idx = torch.tensor(tok, device=x.device)
+        w = weights[tok_idx, torch.tensor(choice, device=x.device)].unsqueeze(1)
+        out.index_add_(0, tok_idx, w * outputs[e])
+    return out

@@ -1,0 +1,137 @@
+"""The offload engine against all-resident experts: bitwise outputs, byte accounting, pool bound."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from test_offload_synth import make_engine, make_experts, reference, write_checkpoint
+
+L, E, INTER, DIM = 3, 6, 32, 16  # fp32: 2 KiB per matrix, multiples of 64 bytes (no padding)
+EXPERT_BYTES = 3 * INTER * DIM * 4
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    tensors = make_experts(L, E, INTER, DIM)
+    files = write_checkpoint(tmp_path_factory.mktemp("experts"), tensors, shards=2)
+    return tensors, files
+
+
+def steps(seed: int, top_k: int, tokens: int, n: int):
+    """n random steps: per layer (x, ids rows, weights) with distinct ids per row."""
+    rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        per_layer = []
+        for _ in range(L):
+            ids = [rng.sample(range(E), top_k) for _ in range(tokens)]
+            w = torch.softmax(torch.randn(tokens, top_k, generator=g), -1)
+            per_layer.append((torch.randn(tokens, DIM, generator=g), ids, w))
+        out.append(per_layer)
+    return out
+
+
+def drive(engine, tensors, run_steps, guess: bool):
+    """Run every step through engine and reference; assert bitwise equality."""
+    for per_layer in run_steps:
+        for layer, (x, ids, w) in enumerate(per_layer):
+            nxt = per_layer[layer + 1][1] if guess and layer + 1 < L else None
+            got = engine.run(layer, x, ids, w, nxt)
+            assert torch.equal(got, reference(tensors, layer, x, ids, w)), (layer, ids)
+
+
+@pytest.mark.parametrize("store", ["ram", "mmap"])
+@pytest.mark.parametrize("prefetch", [True, False])
+@pytest.mark.parametrize("top_k,tokens", [(2, 1), (2, 5), (3, 1), (3, 4)])
+def test_bitwise_equal_for_every_k(ckpt, store, prefetch, top_k, tokens):
+    tensors, files = ckpt
+    for slots in range(top_k, E + 1):
+        engine = make_engine(files, L, E, INTER, DIM, slots=slots, store=store, prefetch=prefetch)
+        drive(engine, tensors, steps(slots, top_k, tokens, 6), guess=True)
+
+
+def test_prefill_with_more_experts_than_slots(ckpt):
+    """A chunk needing all E experts with K = 2 slots loads each expert exactly once."""
+    tensors, files = ckpt
+    engine = make_engine(files, L, E, INTER, DIM, slots=2, prefetch=False)
+    run_steps = steps(7, 2, 8, 1)
+    for _, ids, _ in run_steps[0]:  # every expert, interleaved over tokens
+        ids[:] = [[t % E, (t + 3) % E] for t in range(8)]
+    drive(engine, tensors, run_steps, guess=False)
+    s = engine.stats()
+    assert s["expert_misses"] == L * E and max(engine.counters.loads.values()) == 1
+
+
+@pytest.mark.parametrize("store", ["ram", "mmap"])
+def test_bytes_accounting(ckpt, store):
+    tensors, files = ckpt
+    engine = make_engine(files, L, E, INTER, DIM, slots=3, store=store, prefetch=True)
+    drive(engine, tensors, steps(1, 2, 1, 12), guess=True)
+    s = engine.stats()
+    assert s["prefetch_issued"] > 0 and s["expert_misses"] > 0
+    assert s["bytes_host_to_device"] == (s["expert_misses"] + s["prefetch_issued"]) * EXPERT_BYTES
+    assert sum(engine.counters.loads.values()) == s["expert_misses"] + s["prefetch_issued"]
+    assert s["bytes_per_token"] == s["bytes_host_to_device"] / 12
+
+
+def test_guess_equal_to_choice_is_all_hits_after_layer_0(ckpt):
+    """A perfect guess makes every layer but the first hit, and recall is exactly 1."""
+    tensors, files = ckpt
+    engine = make_engine(files, L, E, INTER, DIM, slots=2, prefetch=True)
+    drive(engine, tensors, steps(3, 2, 1, 5), guess=True)
+    s = engine.stats()
+    assert s["prefetch_recall"] == 1.0
+    assert s["expert_hits"] >= 2 * (L - 1) * 5
+    assert s["prefetch_used"] <= s["prefetch_issued"]
+
+
+def test_room_for_every_expert_loads_each_once(ckpt):
+    tensors, files = ckpt
+    for prefetch in (True, False):
+        engine = make_engine(files, L, E, INTER, DIM, slots=E, prefetch=prefetch)
+        drive(engine, tensors, steps(5, 2, 3, 10), guess=True)
+        assert max(engine.counters.loads.values()) == 1
+
+
+def test_pool_is_bounded_by_its_allocations(ckpt):
+    tensors, files = ckpt
+    for slots in (2, 4):
+        engine = make_engine(files, L, E, INTER, DIM, slots=slots)
+        before = engine.cache.allocated_bytes
+        assert before == slots * L * EXPERT_BYTES == engine.cache.pool.numel()
+        drive(engine, tensors, steps(2, 2, 4, 4), guess=True)
+        s = engine.stats()
+        assert engine.cache.allocated_bytes == before == s["device_expert_bytes"]
+        assert all(len(engine.cache.resident(layer)) <= slots for layer in range(L))
+
+
+def test_no_eviction_of_what_the_running_layer_still_needs(ckpt):
+    """Spy on every placement: a victim is never an expert the running layer has yet to compute."""
+    tensors, files = ckpt
+    engine = make_engine(files, L, E, INTER, DIM, slots=2, prefetch=True)
+    state = {"layer": None, "todo": set()}
+    place, compute = engine.cache.place, engine._compute
+    evictions = []
+
+    def spy_place(layer, expert, pinned):
+        slot, evicted = place(layer, expert, pinned)
+        if layer == state["layer"] and evicted is not None:
+            assert evicted not in state["todo"], (layer, evicted)
+        evictions.append((layer == state["layer"], evicted))
+        return slot, evicted
+
+    def spy_compute(layer, expert, x, tok):
+        y = compute(layer, expert, x, tok)
+        state["todo"].discard(expert)
+        return y
+
+    engine.cache.place, engine._compute = spy_place, spy_compute
+    for per_layer in steps(11, 2, 6, 4):  # 6 tokens x 2 choices: often more experts than slots
+        for layer, (x, ids, w) in enumerate(per_layer):
+            state["layer"], state["todo"] = layer, {e for row in ids for e in row}
+            got = engine.run(layer, x, ids, w, per_layer[layer + 1][1] if layer + 1 < L else None)
+            assert torch.equal(got, reference(tensors, layer, x, ids, w))
+    assert any(same and e is not None for same, e in evictions)  # the check was exercised
+    assert any(not same and e is not None for same, e in evictions)  # prefetch evicted too
