@@ -21,7 +21,7 @@ hqq's `Quantizer.dequantize` reproduces it. After the metadata is rounded, the c
 re-rounded against the stored scale/zero (q = round(W / scale + zero), as hqq's own
 optimiser defines q for its final scale/zero), so the codes fit what is actually stored.
 
-Dequantization (`Dequantizer`) runs on any device from views of the packed buffer and
+Dequantization (`HQQCodec`, offload.codec's ExpertCodec) runs on any device from views of the packed buffer and
 writes into buffers allocated once; its arithmetic is hqq's (`Quantizer.dequantize`,
 (q - zero) * scale in the compute dtype; the 8-bit metadata is dequantized in float32
 and then cast), so the result is bitwise equal to hqq's dequantization of the same data.
@@ -208,8 +208,8 @@ def hqq_reference(parts: dict[str, torch.Tensor], prefix: str, shape: tuple[int,
 _SHIFTS = {b: [b * (_PER_WORD[b] - 1 - i) for i in range(_PER_WORD[b])] for b in BITS}
 
 
-class Dequantizer:
-    """Dequantizes one expert's packed views into output buffers allocated once.
+class HQQCodec:
+    """Dequantizes one expert's packed views into output buffers allocated once (an ExpertCodec).
 
     `decode(views)` returns the matrices (views of its own buffers, valid until the next
     call) in the order of `shapes`. Nothing is allocated per call.
@@ -218,6 +218,7 @@ class Dequantizer:
     def __init__(self, shapes: dict[str, tuple[int, int]], spec: QuantSpec, device: torch.device | str,
                  dtype: torch.dtype):
         self.shapes, self.spec, self.dtype = dict(shapes), spec, dtype
+        self.names = tuple(self.shapes)
         self.layout = expert_layout(self.shapes, spec)
         kw = {"device": device}
         self.out = {n: torch.empty(s, dtype=dtype, **kw) for n, s in self.shapes.items()}

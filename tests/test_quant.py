@@ -5,7 +5,7 @@ import torch
 
 from offload.packing import pack, views
 from offload.quant import (
-    Dequantizer,
+    HQQCodec,
     QuantSpec,
     bits_per_weight,
     expert_layout,
@@ -36,7 +36,7 @@ def test_dequantize_equals_hqq_bitwise(spec, dtype):
     parts = quantize_expert(_mats(0), spec, "cpu")
     buf, layout = pack(parts)
     assert layout == expert_layout(SHAPES, spec)
-    outs = Dequantizer(SHAPES, spec, "cpu", dtype).decode(views(buf, layout))
+    outs = HQQCodec(SHAPES, spec, "cpu", dtype).decode(views(buf, layout))
     for (name, shape), got in zip(SHAPES.items(), outs, strict=True):
         ref = hqq_reference(parts, name, shape, spec, dtype)
         assert got.dtype == dtype and tuple(got.shape) == shape
@@ -56,7 +56,7 @@ BOUNDS = [(QuantSpec(2, 16, 0, 8), 0.32), (QuantSpec(2, 32, 0, 8), 0.39), (Quant
 def test_error_bounded_per_bit_width(spec, bound):
     mats = _mats(7)
     buf, layout = pack(quantize_expert(mats, spec, "cpu"))
-    outs = Dequantizer(SHAPES, spec, "cpu", torch.float32).decode(views(buf, layout))
+    outs = HQQCodec(SHAPES, spec, "cpu", torch.float32).decode(views(buf, layout))
     for (name, w), got in zip(mats.items(), outs, strict=True):
         err = ((got - w).norm() / w.norm()).item()
         assert err < bound, f"{spec} {name}: relative error {err:.4f} >= {bound}"
@@ -68,7 +68,7 @@ def test_more_bits_less_error():
     for bits in (2, 3, 4, 8):
         spec = QuantSpec(bits, 64, 0, 16)
         buf, layout = pack(quantize_expert(mats, spec, "cpu"))
-        got = Dequantizer(SHAPES, spec, "cpu", torch.float32).decode(views(buf, layout))[0]
+        got = HQQCodec(SHAPES, spec, "cpu", torch.float32).decode(views(buf, layout))[0]
         errs.append(((got - mats["w1"]).norm() / mats["w1"].norm()).item())
     assert errs == sorted(errs, reverse=True), errs
 
@@ -89,13 +89,13 @@ def test_honest_bits_per_weight_at_mixtral_size():
 
 def test_decode_reuses_its_buffers():
     spec = QuantSpec(3, 64, 0, 8)
-    deq = Dequantizer(SHAPES, spec, "cpu", torch.float32)
+    deq = HQQCodec(SHAPES, spec, "cpu", torch.float32)
     b1, layout = pack(quantize_expert(_mats(1), spec, "cpu"))
     b2, _ = pack(quantize_expert(_mats(2), spec, "cpu"))
     first = [t.data_ptr() for t in deq.decode(views(b1, layout))]
     out2 = deq.decode(views(b2, layout))
     assert [t.data_ptr() for t in out2] == first
-    ref = Dequantizer(SHAPES, spec, "cpu", torch.float32).decode(views(b2, layout))
+    ref = HQQCodec(SHAPES, spec, "cpu", torch.float32).decode(views(b2, layout))
     assert all(torch.equal(a, b) for a, b in zip(out2, ref, strict=True))
 
 
