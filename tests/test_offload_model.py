@@ -1,0 +1,124 @@
+"""The model with offloaded experts equals the all-resident model: tokens and fp32 logits, bitwise."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import pytest
+import torch
+
+from mixtral_lite import offloading
+from mixtral_lite.config import ModelConfig
+from mixtral_lite.generate import generate
+from mixtral_lite.model import load_model
+
+PROMPT = [1, 415, 2936, 9060, 285, 1142, 28705, 28770, 28723, 851, 349, 264, 1369]  # 13 tokens
+
+
+def greedy_logits(model, prompt: list[int], n: int, chunk: int = 5) -> tuple[list[int], torch.Tensor]:
+    """Chunked prefill then n greedy decode steps; every step's last-row logits [n, V]."""
+    cache = model.new_cache(1, 64)
+    cache.reset(torch.zeros(1, dtype=torch.long))
+    tokens = torch.tensor([prompt])
+    for start in range(0, len(prompt), chunk):
+        logits = model(tokens[:, start : start + chunk], cache)
+    out, rows = [], []
+    for _ in range(n):
+        rows.append(logits[0, -1])
+        nxt = int(rows[-1].argmax())
+        out.append(nxt)
+        logits = model(torch.tensor([[nxt]]), cache)
+    return out, torch.stack(rows)
+
+
+@pytest.fixture(scope="module")
+def resident(mixtral_ref):
+    _, path = mixtral_ref
+    model = load_model(path)
+    return path, greedy_logits(model, PROMPT, 12)
+
+
+@pytest.mark.parametrize("store,prefetch", list(itertools.product(["ram", "mmap"], [True, False])))
+def test_offloaded_equals_resident_for_every_k(resident, store, prefetch):
+    path, (want_tokens, want_logits) = resident
+    cfg = ModelConfig.from_dir(path)
+    for k in range(cfg.experts_per_tok, cfg.num_experts + 1):
+        factory = offloading.make_factory(slots=k, store=store, prefetch=prefetch)
+        model = load_model(path, experts=factory)
+        tokens, logits = greedy_logits(model, PROMPT, 12)
+        assert tokens == want_tokens, (k, store, prefetch)
+        assert torch.equal(logits, want_logits), (k, store, prefetch)
+        s = model.experts.stats()
+        assert s["expert_hits"] + s["expert_misses"] > 0
+        assert s["device_expert_bytes"] == k * cfg.num_layers * s["expert_bytes"]
+        assert s["bytes_host_to_device"] == (s["expert_misses"] + s["prefetch_issued"]) * s["expert_bytes"]
+        assert (s["prefetch_issued"] > 0) == prefetch
+
+
+def test_batched_generate_equal_with_offloading(mixtral_ref):
+    _, path = mixtral_ref
+    prompts = [PROMPT, PROMPT[:6]]
+    want = generate(load_model(path), prompts, 10, window=64)
+    model = load_model(path, experts=offloading.make_factory(slots=2, store="mmap"))
+    assert generate(model, prompts, 10, window=64) == want
+
+
+def parse(*argv: str):
+    p = argparse.ArgumentParser()
+    p.add_argument("-c", "--ctx-size", type=int, default=4096)
+    p.add_argument("-b", "--batch-size", type=int, default=512)
+    offloading.add_args(p)
+    return p.parse_args(list(argv))
+
+
+def test_build_turns_offloading_on_only_when_asked(mixtral_ref):
+    _, path = mixtral_ref
+    cfg = ModelConfig.from_dir(path)
+    assert offloading.build(parse(), cfg, torch.device("cpu"), torch.float32) is None
+    assert offloading.build(parse("--experts-per-layer", "4"), cfg, torch.device("cpu"), torch.float32) is None
+    factory = offloading.build(parse("--experts-per-layer", "3", "--store", "mmap", "--prefetch", "off"),
+                               cfg, torch.device("cpu"), torch.float32)
+    model = load_model(path, experts=factory)
+    assert not model.experts.wants_guess and model.experts.engine.cache.slots == 3
+
+
+@pytest.mark.parametrize("argv,message", [
+    (("--experts-per-layer", "1"), r"--experts-per-layer 1: must be between experts_per_tok \(2\) and "
+                                   r"num_experts \(4\)"),
+    (("--experts-per-layer", "5"), "--experts-per-layer 5: must be between"),
+    (("--device-memory", "-1"), "--device-memory -1: must be a positive"),
+    (("--device-memory", "1", "--experts-per-layer", "2"), "either --experts-per-layer or --device-memory"),
+])
+def test_bad_flags_name_the_flag(mixtral_ref, argv, message):
+    _, path = mixtral_ref
+    with pytest.raises(SystemExit, match=message):
+        offloading.build(parse(*argv), ModelConfig.from_dir(path), torch.device("cpu"), torch.float32)
+
+
+def test_device_memory_picks_k_or_says_what_it_needs(mixtral_ref, capsys):
+    _, path = mixtral_ref
+    cfg = ModelConfig.from_dir(path)
+    dense = offloading.dense_bytes(cfg, torch.float32)
+    kv, act = offloading.runtime_bytes(cfg, torch.float32, 4096, 512)
+    expert = 3 * cfg.intermediate_size * cfg.hidden_size * 4
+    for k in (2, 3):
+        gib = (dense + kv + act + k * cfg.num_layers * expert + 100) / offloading.GIB
+        model = load_model(path, experts=offloading.build(parse("--device-memory", f"{gib!r}"), cfg,
+                                                          torch.device("cpu"), torch.float32))
+        assert model.experts.engine.cache.slots == k
+        assert f"-> {k} experts per layer" in capsys.readouterr().err
+    gib = (dense + kv + act + cfg.num_layers * expert) / offloading.GIB
+    factory = offloading.build(parse("--device-memory", f"{gib!r}"), cfg, torch.device("cpu"), torch.float32)
+    with pytest.raises(SystemExit, match=r"--device-memory .* GiB is too small: dense weights .* needs at least"):
+        load_model(path, experts=factory)
+
+
+def test_dense_model_rejects_expert_flags(mistral_ref):
+    _, path = mistral_ref
+    cfg = ModelConfig.from_dir(path)
+    assert offloading.build(parse(), cfg, torch.device("cpu"), torch.float32) is None
+    with pytest.raises(SystemExit, match="--experts-per-layer: the model is dense"):
+        offloading.build(parse("--experts-per-layer", "2"), cfg, torch.device("cpu"), torch.float32)
+    with pytest.raises(SystemExit, match="--device-memory 0.001 GiB is too small for the dense model"):
+        offloading.build(parse("--device-memory", "0.001"), cfg, torch.device("cpu"), torch.float32)
