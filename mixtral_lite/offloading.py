@@ -20,7 +20,7 @@ import torch
 
 from offload.codec import PlainCodec
 from offload.engine import OffloadEngine
-from offload.policy import POLICIES
+from offload.policy import POLICIES, make_policy
 from offload.store import RamStore, SafetensorsSource
 
 from .checkpoint import expected_shapes, expert_name
@@ -29,6 +29,18 @@ from .experts import swiglu_expert
 
 ROLES = ("w1", "w2", "w3")  # the order swiglu_expert takes them
 GIB = 1 << 30
+
+
+def live_policies() -> list[str]:
+    """Policies a live cache can run (replay-only ones, like belady, need the future and refuse)."""
+    names = []
+    for name in sorted(POLICIES):
+        try:
+            make_policy(name, 2, 1)
+        except (ValueError, TypeError):
+            continue
+        names.append(name)
+    return names
 
 
 class OffloadedExperts:
@@ -66,7 +78,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device-memory", type=float, metavar="GB",
                    help="device budget in GiB; the expert slots get what dense weights, KV cache and "
                         "activations leave (instead of --experts-per-layer)")
-    g.add_argument("--cache-policy", choices=sorted(POLICIES), default="lru", help="expert eviction policy")
+    g.add_argument("--cache-policy", choices=live_policies(), default="lru", help="expert eviction policy")
 
 
 def dense_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:

@@ -96,6 +96,18 @@ def test_bad_flags_name_the_flag(mixtral_ref, argv, message):
         offloading.build(parse(*argv), ModelConfig.from_dir(path), torch.device("cpu"), torch.float32)
 
 
+def test_cache_policy_offers_live_policies_only(resident, capsys):
+    assert "lru" in offloading.live_policies() and "belady" not in offloading.live_policies()
+    with pytest.raises(SystemExit):
+        parse("--cache-policy", "belady")
+    assert "--cache-policy: invalid choice: 'belady'" in capsys.readouterr().err
+    path, (want_tokens, want_logits) = resident
+    for name in offloading.live_policies():  # any policy: same output, only hit rates differ
+        model = load_model(path, experts=offloading.make_factory(slots=2, policy=name))
+        tokens, logits = greedy_logits(model, PROMPT, 12)
+        assert tokens == want_tokens and torch.equal(logits, want_logits), name
+
+
 def test_device_memory_picks_k_or_says_what_it_needs(mixtral_ref, capsys):
     _, path = mixtral_ref
     cfg = ModelConfig.from_dir(path)
