@@ -28,7 +28,8 @@ class ExpertProvider(Protocol):
     ) -> torch.Tensor:
         """Sum over a of weights[t, a] * expert_{ids[t, a]}(x[t]).
 
-        x [T, D]; ids [T, A] int64; weights [T, A] in x.dtype; returns [T, D].
+        x [T, D]; ids [T, A] int64; weights [T, A] fp32 (products are taken in fp32, then cast
+        to x.dtype, as transformers does); returns [T, D].
         next_guess [T, A] (or None): the next layer's router applied to this layer's
         input, a guess of what layer + 1 will choose, for speculative prefetch. The
         provider reads ids and next_guess to the host together: one sync per layer.
@@ -49,7 +50,7 @@ def run_grouped(x: torch.Tensor, ids_host: list[list[int]], weights: torch.Tenso
     out = torch.zeros_like(x)
     if len(ids_host) == 1:  # decode: one token, no gather/scatter
         for a, e in enumerate(ids_host[0]):
-            out += weights[:, a : a + 1] * swiglu_expert(x, *get_expert(e))
+            out += (weights[:, a : a + 1] * swiglu_expert(x, *get_expert(e))).to(x.dtype)
         return out
     by_expert: dict[int, tuple[list[int], list[int]]] = {}
     for t, row in enumerate(ids_host):
@@ -60,7 +61,7 @@ def run_grouped(x: torch.Tensor, ids_host: list[list[int]], weights: torch.Tenso
     for e, (tok, slot) in by_expert.items():
         tok_idx = torch.tensor(tok, device=x.device)
         w = weights[tok_idx, torch.tensor(slot, device=x.device)].unsqueeze(1)
-        out.index_add_(0, tok_idx, w * swiglu_expert(x[tok_idx], *get_expert(e)))
+        out.index_add_(0, tok_idx, (w * swiglu_expert(x[tok_idx], *get_expert(e))).to(x.dtype))
     return out
 
 

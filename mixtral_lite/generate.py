@@ -18,7 +18,7 @@ from . import default_model_path
 from .config import DTYPES, ModelConfig
 from .model import Transformer, load_model
 from .runstats import device_bytes, format_stats, peak_rss_bytes, write_json_atomic
-from .sampling import sample
+from .sampling import check_args, sample
 from .tokenizer import StreamingDetokenizer, Tokenizer
 
 try:  # the offload engine adds its flags when present
@@ -126,6 +126,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: -m/--model: {args.model} is not a model folder (no config.json)")
     if args.max_new_tokens < 0:
         raise SystemExit("error: -n/--max-new-tokens must be >= 0")
+    try:
+        check_args(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     text = read_prompt(args)
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else _default_dtype(args.model, device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -89,3 +91,15 @@ def test_rolling_cache_memory_is_flat(mixtral_window_ref):
     assert (cache.nbytes, [t.data_ptr() for t in (cache.k, cache.v)]) == after_one
     c = ours.config
     assert cache.k.numel() + cache.v.numel() == 8 * c.num_layers * c.num_kv_heads * c.head_dim * 2
+
+
+@pytest.mark.parametrize("ref", REFS)
+def test_bfloat16_close_to_transformers(ref, request):
+    hf, path = request.getfixturevalue(ref)
+    ours = load_model(path, dtype=torch.bfloat16)
+    x = prompt(16, seed=5)
+    with torch.no_grad():
+        want = copy.deepcopy(hf).to(torch.bfloat16)(x).logits.float()  # the session's fp32 model stays intact
+        got = ours(x).float()
+    # bf16 keeps 8 bits of mantissa: compare at the scale of the logits
+    assert (got - want).abs().max().item() <= 0.05 * want.abs().max().item()
