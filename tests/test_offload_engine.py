@@ -135,3 +135,24 @@ def test_no_eviction_of_what_the_running_layer_still_needs(ckpt):
             assert torch.equal(got, reference(tensors, layer, x, ids, w))
     assert any(same and e is not None for same, e in evictions)  # the check was exercised
     assert any(not same and e is not None for same, e in evictions)  # prefetch evicted too
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("store", ["ram", "mmap"])
+def test_cuda_copy_stream_matches_resident_experts(ckpt, store):
+    """Copy stream + events: the same numbers as resident experts on the same device."""
+    tensors, files = ckpt
+    on_gpu = {k: v.cuda() for k, v in tensors.items()}
+    for slots, tokens in ((2, 1), (2, 7), (4, 3)):
+        engine = make_engine(files, L, E, INTER, DIM, slots=slots, store=store, device="cuda")
+        for per_layer in steps(slots + tokens, 2, tokens, 6):
+            for layer, (x, ids, w) in enumerate(per_layer):
+                x, w = x.cuda(), w.cuda()
+                nxt = per_layer[layer + 1][1] if layer + 1 < L else None
+                got = engine.run(layer, x, ids, w, nxt)
+                torch.testing.assert_close(got, reference(on_gpu, layer, x, ids, w), rtol=0, atol=1e-6)
+        s = engine.stats()
+        assert s["bytes_host_to_device"] == (s["expert_misses"] + s["prefetch_issued"]) * EXPERT_BYTES
+        assert s["stall_s"] >= 0 and engine.cache.pool.is_cuda
+        assert engine.store.pinned == (store == "ram")
