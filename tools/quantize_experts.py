@@ -163,7 +163,7 @@ class Journal:
 class Converter:
     """One quantization run (fresh or resumed) of SRC into DST."""
 
-    def __init__(self, src: Path, dst: Path, spec: QuantSpec, attn_spec: QuantSpec | None, shard_mb: int,
+    def __init__(self, src: Path, dst: Path, spec: QuantSpec, attn_spec: QuantSpec | None, shard_bytes: int,
                  device: str, progress: bool = True):
         self.src, self.dst, self.spec, self.attn_spec, self.device = src, dst, spec, attn_spec, device
         self.ckpt = Checkpoint(src)  # validates every tensor's presence and shape against config.json
@@ -177,12 +177,12 @@ class Converter:
             raise QuantizeError(f"--bits {spec.bits} --group-size {spec.group_size}: experts: {e}") from None
         self.attn_layouts = self._attn_layouts()
         self.total = self.cfg.num_layers * self.cfg.num_experts
-        self.per_shard = max(1, (shard_mb << 20) // self.layout.nbytes)
+        self.per_shard = max(1, shard_bytes // self.layout.nbytes)
         self.num_shards = -(-self.total // self.per_shard)
         self.journal = Journal(dst / JOURNAL)
         self.progress = progress
         self.head = {"settings": {"experts": spec.to_dict(), "attention": attn_spec and attn_spec.to_dict(),
-                                  "shard_mb": shard_mb, "device": torch.device(device).type},
+                                  "shard_bytes": shard_bytes, "device": torch.device(device).type},
                      "source": source_identity(src)}
 
     def _attn_layouts(self) -> dict[str, object]:
@@ -338,11 +338,11 @@ class Converter:
 
 
 def convert(src: str | Path, dst: str | Path, spec: QuantSpec, attn_spec: QuantSpec | None = None,
-            shard_mb: int = 2000, resume: bool = False, device: str = "cpu", fail_after: int | None = None,
+            shard_bytes: int = 2000 << 20, resume: bool = False, device: str = "cpu", fail_after: int | None = None,
             progress: bool = True) -> Path:
     """Quantize SRC into the store DST (see the module docstring); returns DST."""
     src, dst = Path(src), Path(dst)
-    c = Converter(src, dst, spec, attn_spec, shard_mb, device, progress)
+    c = Converter(src, dst, spec, attn_spec, shard_bytes, device, progress)
     if dst.is_dir() and any(dst.iterdir()):
         if not resume:
             raise QuantizeError(f"{dst}: not empty; pass --resume to continue an interrupted run "
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         attn = None if a.attn_bits == 16 else QuantSpec(a.attn_bits, a.attn_group_size, 0, 16)
         if a.shard_mb < 1:
             raise QuantizeError(f"--shard-mb must be positive, got {a.shard_mb}")
-        convert(a.src, a.dst, spec, attn, a.shard_mb, a.resume, a.device)
+        convert(a.src, a.dst, spec, attn, a.shard_mb << 20, a.resume, a.device)
     except (QuantizeError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
