@@ -41,6 +41,10 @@ class ExpertProvider(Protocol):
         """True when the model should compute next_guess (costs one router matmul)."""
         ...
 
+    def stats(self) -> dict:
+        """Counters for the run report; at least device_expert_bytes."""
+        ...
+
 
 def run_grouped(x: torch.Tensor, ids_host: list[list[int]], weights: torch.Tensor, get_expert) -> torch.Tensor:
     """Group tokens by expert and accumulate; get_expert(e) -> (w1, w2, w3).
@@ -72,6 +76,10 @@ class ResidentExperts:
 
     def __init__(self, w1: list[torch.Tensor], w2: list[torch.Tensor], w3: list[torch.Tensor]):
         self.w1, self.w2, self.w3 = w1, w2, w3
+
+    def stats(self) -> dict:
+        tensors = [t for ws in (self.w1, self.w2, self.w3) for t in ws]
+        return {"device_expert_bytes": sum(t.numel() * t.element_size() for t in tensors)}
 
     def run(self, layer, x, ids, weights, next_guess=None):
         w1, w2, w3 = self.w1[layer], self.w2[layer], self.w3[layer]

@@ -20,6 +20,7 @@ from .model import Transformer, load_model
 from .runstats import device_bytes, format_stats, peak_rss_bytes, write_json_atomic
 from .sampling import check_args, sample
 from .tokenizer import StreamingDetokenizer, Tokenizer
+from .tracing import trace_model
 
 try:  # the offload engine adds its flags when present
     from . import offloading
@@ -49,10 +50,11 @@ def generate_stream(model: Transformer, prompts: list[list[int]], max_new_tokens
     gen = torch.Generator(device=device).manual_seed(seed)
     for start in range(0, longest, chunk):
         logits = model(tokens[:, start : start + chunk], cache, last_only=True)
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         nxt = sample(logits[:, -1].float(), temperature, top_k, top_p, gen)
         yield nxt
-        logits = model(nxt[:, None], cache)
+        if i + 1 < max_new_tokens:  # the last token is never fed back
+            logits = model(nxt[:, None], cache)
 
 
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, window: int,
@@ -89,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the Instruct chat format")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-sequence token")
     p.add_argument("--stats-json", type=Path, help="write the run's figures to this JSON file")
+    p.add_argument("--trace-routing", type=Path, metavar="FILE",
+                   help="record every (token, layer) expert choice and prefetch guess as jsonl")
     if offloading is not None:
         offloading.add_args(p)
     return p
@@ -142,9 +146,12 @@ def main(argv: list[str] | None = None) -> None:
                          f"vocab_size is {model.config.vocab_size}")
     load_s = time.perf_counter() - t0
     ids = tok.encode_chat([{"role": "user", "content": text}]) if args.chat else tok.encode(text)
+    tracer = trace_model(model, args.trace_routing) if args.trace_routing else None
     stats = run(model, tok, ids, args, device)
     stats = {"load_s": load_s, **stats}
-    if model.experts is not None and hasattr(model.experts, "stats"):
+    if tracer is not None:
+        tracer.close()
+    if model.experts is not None:
         stats |= model.experts.stats()
     print(format_stats(stats), file=sys.stderr)
     if args.stats_json:

@@ -34,11 +34,7 @@ def device_bytes(model, cache_bytes: int, device: torch.device) -> int:
 
 def expert_device_bytes(model) -> int:
     experts = model.experts
-    if experts is None:
-        return 0
-    if hasattr(experts, "stats"):
-        return int(experts.stats().get("device_expert_bytes", 0))
-    return sum(t.numel() * t.element_size() for ws in (experts.w1, experts.w2, experts.w3) for t in ws)
+    return 0 if experts is None else int(experts.stats().get("device_expert_bytes", 0))
 
 
 def write_json_atomic(path: str | Path, obj: dict) -> None:
