@@ -1,0 +1,525 @@
+"""Train a small Mixtral (8 experts, top-2, GQA, RoPE, RMSNorm) on a plain-text file, on the CPU.
+
+A self-contained pure-PyTorch module whose parameter names and shapes are exactly Hugging Face's
+MixtralForCausalLM layout, so `--out` writes a checkpoint that transformers and mixtral_lite load.
+Loss = next-token cross-entropy + router load-balancing loss (Switch / Mixtral, HF's formula).
+
+    python tools/train_tiny_mixtral.py --train austen-train.txt --valid austen-valid.txt \
+        --run-dir /work/train_runs/austen --total-steps 3000 --max-minutes 85 --out DIR
+    python tools/train_tiny_mixtral.py --run-dir ... --resume ...   # continue where it stopped
+    python tools/train_tiny_mixtral.py --run-dir ... --export-only --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class TinyConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 256
+    intermediate_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    num_experts: int = 8
+    experts_per_tok: int = 2
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    router_aux_loss_coef: float = 0.01
+    dropout: float = 0.0  # training only (residual branches); not part of the Mixtral architecture
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics as HF does, result back in the input dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(cfg: TinyConfig, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, head_dim] in HF's rotate-half convention."""
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rot * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TinyConfig):
+        super().__init__()
+        h, d, kv = cfg.num_heads, cfg.head_dim, cfg.num_kv_heads
+        self.h, self.d, self.kv = h, d, kv
+        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv * d, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=False)
+        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # B = batch, T = tokens, H = heads, K = kv heads, d = head dim
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.h, self.d).transpose(1, 2)  # [B,H,T,d]
+        k = self.k_proj(x).view(b, t, self.kv, self.d).transpose(1, 2)  # [B,K,T,d]
+        v = self.v_proj(x).view(b, t, self.kv, self.d).transpose(1, 2)  # [B,K,T,d]
+        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
+        rep = self.h // self.kv
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B,H,T,d]
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B,H,T,d]
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.h * self.d))
+
+
+class Expert(nn.Module):
+    def __init__(self, cfg: TinyConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.w3 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, cfg: TinyConfig):
+        super().__init__()
+        self.k = cfg.experts_per_tok
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(cfg) for _ in range(cfg.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D] -> (out [N, D], router logits [N, E]); tokens sorted by expert, one matmul each."""
+        # N = tokens, E = experts, A = experts per token
+        logits = self.gate(x)  # [N,E]
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        w, ids = probs.topk(self.k, dim=-1)  # [N,A]
+        w = (w / w.sum(-1, keepdim=True)).to(x.dtype)
+        flat = ids.reshape(-1)  # [N*A]
+        order = flat.argsort(stable=True)
+        tok = order // self.k  # token of each sorted slot
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        xs = x.index_select(0, tok)  # [N*A,D] grouped by expert
+        ys = [e(chunk) for e, chunk in zip(self.experts, xs.split(counts), strict=True) if chunk.shape[0] > 0]
+        ys = torch.cat(ys) * w.reshape(-1, 1).index_select(0, order)
+        out = torch.zeros_like(x).index_add_(0, tok, ys.to(x.dtype))
+        return out, logits
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TinyConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.block_sparse_moe = SparseMoE(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h, cos, sin, p: float = 0.0):
+        h = h + F.dropout(self.self_attn(self.input_layernorm(h), cos, sin), p, self.training)
+        b, t, d = h.shape
+        moe, logits = self.block_sparse_moe(self.post_attention_layernorm(h).reshape(b * t, d))
+        return h + F.dropout(moe.view(b, t, d), p, self.training), logits
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: TinyConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class TinyMixtral(nn.Module):
+    """HF MixtralForCausalLM parameter layout: model.* plus lm_head (tied to embed_tokens if asked)."""
+
+    def __init__(self, cfg: TinyConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        for p in self.parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, std=0.02)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def hidden(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """tokens [B,T] -> (final normed hidden [B,T,D], router logits per layer [B*T,E])."""
+        cos, sin = rope_tables(self.cfg, tokens.shape[1])
+        h = F.dropout(self.model.embed_tokens(tokens), self.cfg.dropout, self.training)
+        router = []
+        for layer in self.model.layers:
+            h, logits = layer(h, cos, sin, self.cfg.dropout)
+            router.append(logits)
+        return self.model.norm(h), router
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.hidden(tokens)[0])
+
+
+def load_balancing_loss(router: list[torch.Tensor], num_experts: int, k: int) -> torch.Tensor:
+    """HF/Switch aux loss: E * sum_e (fraction of top-k slots to e) * (mean router prob of e)."""
+    logits = torch.cat(router).float()  # [L*N,E]
+    probs = logits.softmax(-1)
+    mask = F.one_hot(probs.topk(k, dim=-1).indices, num_experts).float()  # [L*N,A,E]
+    return num_experts * (mask.mean(0) * probs.mean(0).unsqueeze(0)).sum()
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean CE of (h @ W^T) without materialising [N, V] logits: gradients are formed chunk by chunk
+    during the forward pass (softmax - onehot), which halves the memory passes over the 32000-wide
+    output that dominate this model's cost. Matmuls run in h's dtype, softmax in fp32."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk: int):
+        # N = tokens, D = hidden, V = vocab
+        n = h.shape[0]
+        w = weight.to(h.dtype)
+        grad_h, grad_w = torch.empty_like(h), torch.zeros(weight.shape, dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32)
+        for i in range(0, n, chunk):
+            hc, tc = h[i : i + chunk], targets[i : i + chunk]
+            logp = torch.log_softmax((hc @ w.t()).float(), dim=-1)  # [n,V], one fused kernel
+            total -= logp.gather(1, tc[:, None]).sum()
+            p = logp.exp_()  # softmax, in place
+            p[torch.arange(len(tc)), tc] -= 1.0
+            p = p.to(h.dtype)  # d(sum of CE)/d logits; the 1/N is applied to the small products
+            grad_h[i : i + chunk] = (p @ w).div_(n)
+            grad_w += (p.t() @ hc).float().div_(n)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out, grad_w * grad_out, None, None
+
+
+def loss_fn(model: TinyMixtral, batch: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """batch [B,T+1] -> (mean next-token cross-entropy, router aux loss)."""
+    h, router = model.hidden(batch[:, :-1])
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else h.dtype
+    h = h.reshape(-1, h.shape[-1]).to(dtype)
+    if torch.is_grad_enabled():
+        ce = ChunkedCrossEntropy.apply(h, model.lm_head.weight, batch[:, 1:].reshape(-1), chunk)
+    else:
+        logits = model.lm_head(h).float()
+        ce = F.cross_entropy(logits, batch[:, 1:].reshape(-1))
+    return ce, load_balancing_loss(router, model.cfg.num_experts, model.cfg.experts_per_tok)
+
+
+# ---------------------------------------------------------------- data
+
+
+def tokenizer_path() -> Path:
+    return Path(str(importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1"))
+
+
+def tokenize_file(path: str, cache_dir: Path | None) -> np.ndarray:
+    """Whole file -> int32 token ids (no BOS); cached as .npy in cache_dir."""
+    text = Path(path).read_text(encoding="utf-8")
+    cache = cache_dir / f"{Path(path).stem}-{len(text)}.npy" if cache_dir else None
+    if cache and cache.exists():
+        return np.load(cache)
+    import sentencepiece as spm
+
+    ids = np.asarray(spm.SentencePieceProcessor(model_file=str(tokenizer_path())).encode(text), np.int32)
+    if cache:
+        np.save(cache, ids)
+    return ids
+
+
+def epoch_windows(n_tokens: int, seq_len: int, seed: int, epoch: int) -> np.ndarray:
+    """Start offsets of non-overlapping windows of seq_len text tokens, shifted and shuffled per epoch."""
+    rng = np.random.default_rng([seed, epoch])
+    shift = int(rng.integers(0, seq_len))
+    starts = np.arange(shift, n_tokens - seq_len - 1, seq_len)
+    return rng.permutation(starts)
+
+
+def make_batch(ids: np.ndarray, starts: np.ndarray, seq_len: int, bos: int = 1) -> torch.Tensor:
+    """[B, seq_len+1]: BOS then seq_len text tokens (the model always sees BOS at position 0)."""
+    rows = [np.concatenate([[bos], ids[s : s + seq_len]]) for s in starts]
+    return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+@torch.no_grad()
+def evaluate(model: TinyMixtral, ids: np.ndarray, seq_len: int, batch: int, dtype: torch.dtype) -> float:
+    """Mean next-token loss over consecutive windows [BOS + seq_len tokens] covering the file."""
+    model.eval()
+    starts = np.arange(0, len(ids) - seq_len, seq_len)
+    total, count = 0.0, 0
+    for i in range(0, len(starts), batch):
+        b = make_batch(ids, starts[i : i + batch], seq_len)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            ce, _ = loss_fn(model, b)
+        total += ce.item() * b[:, 1:].numel()
+        count += b[:, 1:].numel()
+    model.train()
+    return total / count
+
+
+# ---------------------------------------------------------------- checkpoints and export
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def hf_config(cfg: TinyConfig, dtype: str = "bfloat16") -> dict:
+    """MixtralConfig-compatible dict (rope_theta both at top level and as rope_parameters)."""
+    return {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings, "initializer_range": 0.02,
+        "rms_norm_eps": cfg.rms_norm_eps, "use_cache": True, "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "sliding_window": None, "attention_dropout": 0.0,
+        "num_experts_per_tok": cfg.experts_per_tok, "num_local_experts": cfg.num_experts,
+        "output_router_logits": False, "router_aux_loss_coef": cfg.router_aux_loss_coef,
+        "router_jitter_noise": 0.0, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "torch_dtype": dtype, "dtype": dtype, "bos_token_id": 1, "eos_token_id": 2,
+    }
+
+
+def export(model: TinyMixtral, out: Path, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Write HF layout into out: config.json, generation_config.json, tokenizer.model, model.safetensors."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_word_embeddings:
+        state.pop("lm_head.weight")  # HF re-ties it from model.embed_tokens.weight
+    name = str(dtype).removeprefix("torch.")
+    files = {
+        "config.json": json.dumps(hf_config(model.cfg, name), indent=2) + "\n",
+        "generation_config.json": json.dumps({"bos_token_id": 1, "eos_token_id": 2}, indent=2) + "\n",
+    }
+    for fname, text in files.items():
+        (out / (fname + ".tmp")).write_text(text)
+        os.replace(out / (fname + ".tmp"), out / fname)
+    save_file(state, str(out / "model.safetensors.tmp"), metadata={"format": "pt"})
+    os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
+    shutil.copyfile(tokenizer_path(), out / "tokenizer.model.tmp")
+    os.replace(out / "tokenizer.model.tmp", out / "tokenizer.model")
+
+
+# ---------------------------------------------------------------- training
+
+
+def lr_at(step: int, args, time_frac: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_frac at --total-steps, or earlier at
+    time_frac = 1 (fraction of --max-minutes spent) when --time-schedule is given."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    frac = min(1.0, (step - args.warmup) / max(1, args.total_steps - args.warmup))
+    if args.time_schedule:
+        frac = min(1.0, max(frac, time_frac))
+    return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def build(args) -> tuple[TinyMixtral, torch.optim.Optimizer]:
+    torch.manual_seed(args.seed)
+    cfg = TinyConfig(
+        hidden_size=args.hidden, intermediate_size=args.intermediate, num_layers=args.layers,
+        num_heads=args.heads, num_kv_heads=args.kv_heads, vocab_size=args.vocab,
+        router_aux_loss_coef=args.aux_coef, dropout=args.dropout, rope_theta=args.rope_theta,
+    )
+    model = TinyMixtral(cfg)
+    decay = [p for p in model.parameters() if p.dim() == 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return model, torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+
+
+def save_state(path: Path, model, opt, pos: dict, args) -> None:
+    atomic_torch_save({
+        "model": model.state_dict(), "optim": opt.state_dict(), "pos": pos, "args": vars(args),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+    }, path)
+
+
+def train(args) -> TinyMixtral:
+    run = Path(args.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    ids = tokenize_file(args.train, run)
+    valid = tokenize_file(args.valid, run) if args.valid else None
+    model, opt = build(args)
+    pos = {"step": 0, "epoch": 0, "index": 0, "tokens": 0, "best_valid": float("inf"), "seconds": 0.0}
+    state_path = run / "state.pt"
+    if args.resume and state_path.exists():
+        st = torch.load(state_path, weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optim"])
+        pos = st["pos"]
+        torch.set_rng_state(st["rng"]["torch"])
+        random.setstate(st["rng"]["python"])
+        log(f"resumed at step {pos['step']} (epoch {pos['epoch']}, {pos['tokens']} tokens)")
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    metrics = open(run / "metrics.jsonl", "a") if not args.no_metrics else None
+    t_start, t_last_save = time.time(), time.time()
+    deadline = t_start + args.max_minutes * 60 - pos["seconds"] if args.max_minutes else float("inf")
+    if args.deadline:  # absolute wall clock, HH:MM UTC today
+        hh, mm = map(int, args.deadline.split(":"))
+        now = time.gmtime()
+        deadline = min(deadline, t_start + ((hh - now.tm_hour) * 60 + mm - now.tm_min) * 60 - now.tm_sec)
+    tok_s, steps_here = 0.0, 0
+    stop = min(args.total_steps, pos["step"] + args.stop_after) if args.stop_after else args.total_steps
+    while pos["step"] < stop and time.time() < deadline:
+        windows = epoch_windows(len(ids), args.seq_len, args.seed, pos["epoch"])
+        if pos["index"] + args.batch > len(windows):
+            pos["epoch"], pos["index"] = pos["epoch"] + 1, 0
+            continue
+        batch = make_batch(ids, windows[pos["index"] : pos["index"] + args.batch], args.seq_len)
+        budget = args.max_minutes * 60 if args.max_minutes else float("inf")
+        lr = lr_at(pos["step"], args, (pos["seconds"] + time.time() - t_start) / budget)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        t0 = time.time()
+        with torch.autocast("cpu", dtype=dtype, enabled=args.bf16):
+            ce, aux = loss_fn(model, batch)
+        (ce + model.cfg.router_aux_loss_coef * aux).backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.time() - t0
+        pos["step"] += 1
+        pos["index"] += args.batch
+        pos["tokens"] += batch[:, 1:].numel()
+        steps_here += 1
+        tok_s = batch[:, 1:].numel() / dt if steps_here == 1 else 0.9 * tok_s + 0.1 * batch[:, 1:].numel() / dt
+        rec = {"step": pos["step"], "tokens": pos["tokens"], "epoch": pos["epoch"], "lr": lr,
+               "train_loss": ce.item(), "aux_loss": aux.item(), "grad_norm": float(gnorm), "tok_s": tok_s}
+        last = pos["step"] >= stop or time.time() >= deadline
+        if valid is not None and (pos["step"] % args.eval_every == 0 or last):
+            rec["valid_loss"] = evaluate(model, valid, args.seq_len, args.batch, dtype)
+            if rec["valid_loss"] < pos["best_valid"]:
+                pos["best_valid"] = rec["valid_loss"]
+                atomic_torch_save({"model": model.state_dict(), "pos": dict(pos), "args": vars(args)},
+                                  run / "best.pt")
+        if metrics:
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
+        if pos["step"] % args.log_every == 0 or "valid_loss" in rec or last:
+            eta = (stop - pos["step"]) * batch[:, 1:].numel() / max(tok_s, 1e-9)
+            eta = min(eta, deadline - time.time())
+            v = f" valid {rec['valid_loss']:.4f} (ppl {math.exp(rec['valid_loss']):.1f})" if "valid_loss" in rec else ""
+            log(f"step {pos['step']}/{args.total_steps} ep {pos['epoch']} tok {pos['tokens']} "
+                f"loss {rec['train_loss']:.4f} aux {rec['aux_loss']:.3f} lr {lr:.2e} "
+                f"{tok_s:.0f} tok/s ETA {eta / 60:.1f} min{v}")
+        if time.time() - t_last_save > args.save_minutes * 60 or last:
+            save_state(state_path, model, opt, {**pos, "seconds": pos["seconds"] + time.time() - t_start}, args)
+            t_last_save = time.time()
+    if steps_here == 0 and not state_path.exists():
+        save_state(state_path, model, opt, pos, args)
+    return model
+
+
+def log(msg: str) -> None:
+    print(time.strftime("%H:%M:%S ", time.gmtime()) + msg, file=sys.stderr, flush=True)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train", help="plain-text training file")
+    ap.add_argument("--valid", help="plain-text validation file (never trained on)")
+    ap.add_argument("--run-dir", required=True, help="state.pt, best.pt, metrics.jsonl, token caches")
+    ap.add_argument("--out", help="write the final (or --export-only) model here in HF layout")
+    ap.add_argument("--resume", action="store_true", help="continue from run-dir/state.pt")
+    ap.add_argument("--export-only", action="store_true", help="export run-dir's state (see --export-best)")
+    ap.add_argument("--export-best", action="store_true", help="export best.pt (lowest valid loss)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--intermediate", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=32000, help="must match the tokenizer (32000)")
+    ap.add_argument("--rope-theta", type=float, default=10000.0)
+    ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--aux-coef", type=float, default=0.01, help="router load-balancing loss weight")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--min-lr-frac", type=float, default=0.1)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--total-steps", type=int, default=1000, help="length of the LR schedule")
+    ap.add_argument("--max-minutes", type=float, default=0.0,
+                    help="training-time budget summed over resumes (0 = none); ends with a final save")
+    ap.add_argument("--deadline", help="also stop at this UTC wall-clock time, HH:MM (same day)")
+    ap.add_argument("--time-schedule", action="store_true",
+                    help="decay the LR by the fraction of --max-minutes spent when ahead of the step count")
+    ap.add_argument("--stop-after", type=int, default=0, help="end this invocation after N steps (0 = no)")
+    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--save-minutes", type=float, default=5.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on AMX/AVX512-BF16 CPUs)")
+    ap.add_argument("--no-metrics", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.export_only:
+        if not args.out:
+            sys.exit("--export-only needs --out")
+        src = Path(args.run_dir) / ("best.pt" if args.export_best else "state.pt")
+        if not src.exists():
+            sys.exit(f"no checkpoint at {src}")
+        st = torch.load(src, weights_only=False)
+        model, _ = build(argparse.Namespace(**st["args"]))
+        model.load_state_dict(st["model"])
+        export(model, Path(args.out))
+        log(f"exported {src} (step {st['pos']['step']}) to {args.out}")
+        return
+    if not args.train:
+        sys.exit("--train is required for training")
+    model = train(args)
+    if args.out:
+        export(model, Path(args.out))
+        log(f"exported to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
