@@ -13,6 +13,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from offload.engine import group_by_expert
+
 
 def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """One Mixtral expert: (SiLU(x w1^T) * (x w3^T)) w2^T."""
@@ -56,13 +58,7 @@ def run_grouped(x: torch.Tensor, ids_host: list[list[int]], weights: torch.Tenso
         for a, e in enumerate(ids_host[0]):
             out += (weights[:, a : a + 1] * swiglu_expert(x, *get_expert(e))).to(x.dtype)
         return out
-    by_expert: dict[int, tuple[list[int], list[int]]] = {}
-    for t, row in enumerate(ids_host):
-        for a, e in enumerate(row):
-            tok, slot = by_expert.setdefault(e, ([], []))
-            tok.append(t)
-            slot.append(a)
-    for e, (tok, slot) in by_expert.items():
+    for e, (tok, slot) in group_by_expert(ids_host).items():
         tok_idx = torch.tensor(tok, device=x.device)
         w = weights[tok_idx, torch.tensor(slot, device=x.device)].unsqueeze(1)
         out.index_add_(0, tok_idx, (w * swiglu_expert(x[tok_idx], *get_expert(e))).to(x.dtype))
