@@ -1,0 +1,132 @@
+"""`python -m mixtral_lite.perplexity -f TEXT`: sliding-window perplexity of a text file.
+
+Hugging Face's strided evaluation: windows of `--ctx` tokens advance by `--stride`, and each
+window scores only the tokens no earlier window scored, so every token is scored exactly once
+and (for stride < ctx) with at least ctx - stride tokens of context. Every window starts with
+BOS, as every sequence the model sees in generation does:
+
+    text ids t0..t9, ctx 5 (BOS + 4 text tokens), stride 2:
+      window [BOS t0 t1 t2 t3] scores t0 t1 t2 t3
+      window [BOS t2 t3 t4 t5] scores t4 t5
+      window [BOS t4 t5 t6 t7] scores t6 t7 ...
+
+Works for full-precision checkpoints and quantized stores alike (`load_model` opens both).
+--json prints one JSON object as the last stdout line; the progress bar goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from . import default_model_path
+from .config import DTYPES
+from .model import Transformer, load_model
+from .tokenizer import Tokenizer
+
+
+def windows(n: int, ctx: int, stride: int) -> Iterator[tuple[int, int, int]]:
+    """(begin, end, first_scored) over text ids [0, n): the window holds BOS + ids[begin:end]
+    and scores ids[first_scored:end]."""
+    if ctx < 2 or not 1 <= stride <= ctx - 1:
+        raise ValueError(f"need ctx >= 2 and 1 <= stride <= ctx - 1, got ctx {ctx}, stride {stride}")
+    prev_end = 0
+    for begin in range(0, n, stride):
+        end = min(begin + ctx - 1, n)
+        yield begin, end, prev_end
+        prev_end = end
+        if end == n:
+            return
+
+
+@torch.inference_mode()
+def window_nll(model: Transformer, ids: torch.Tensor, bos: int, begin: int, end: int, first: int) -> torch.Tensor:
+    """Sum of -log p(ids[j] | BOS, ids[begin:j]) over j in [first, end), in float64."""
+    # T = end - begin + 1 (BOS + window), V = vocab; logits[i] predicts ids[begin + i]
+    x = torch.cat([ids.new_tensor([bos]), ids[begin:end]])[None]  # [1,T]
+    logits = model(x)[0, first - begin : end - begin].double()  # [scored,V]
+    target = ids[first:end]
+    return (torch.logsumexp(logits, -1) - logits.gather(1, target[:, None]).squeeze(1)).sum()
+
+
+def perplexity(model: Transformer, ids: list[int], bos: int, ctx: int, stride: int,
+               progress: bool = False) -> dict:
+    """Sliding-window perplexity of text ids (without BOS); returns nll, tokens, timing."""
+    if len(ids) < 1:
+        raise ValueError("no tokens to score")
+    device = model.embed.weight.device
+    t = torch.tensor(ids, device=device)
+    total, scored, t0 = 0.0, 0, time.perf_counter()
+    for begin, end, first in windows(len(ids), ctx, stride):
+        total += float(window_nll(model, t, bos, begin, end, first))
+        scored += end - first
+        if progress:
+            _bar(scored, len(ids), time.perf_counter() - t0)
+    if progress:
+        print(file=sys.stderr)
+    seconds = time.perf_counter() - t0
+    return {"perplexity": math.exp(total / scored), "nll": total / scored, "tokens": scored,
+            "seconds": seconds, "tokens_per_s": scored / seconds if seconds > 0 else 0.0}
+
+
+def _bar(done: int, total: int, seconds: float, width: int = 30) -> None:
+    fill = int(width * done / total)
+    rate = done / seconds if seconds > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else 0.0
+    print(f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{total} tokens {rate:.0f} tok/s ETA {eta:.0f}s",
+          end="", file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mixtral_lite.perplexity", description=__doc__.splitlines()[0])
+    p.add_argument("-m", "--model", type=Path, help="checkpoint folder or quantized store "
+                   "(default: the shipped Austen model)")
+    p.add_argument("-f", "--file", type=Path, required=True, help="UTF-8 text file to score")
+    p.add_argument("-c", "--ctx", type=int, default=512, help="tokens per window, BOS included")
+    p.add_argument("--stride", type=int, help="window step in tokens (default: ctx // 2)")
+    p.add_argument("--max-tokens", type=int, help="score only the first N text tokens")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    model_dir = args.model or default_model_path()
+    if not (model_dir / "config.json").is_file():
+        raise SystemExit(f"error: -m/--model: {model_dir} is not a model folder (no config.json)")
+    if not args.file.is_file():
+        raise SystemExit(f"error: -f/--file: {args.file} does not exist")
+    stride = args.stride if args.stride is not None else max(1, args.ctx // 2)
+    if args.ctx < 2 or not 1 <= stride <= args.ctx - 1:
+        raise SystemExit(f"error: need --ctx >= 2 and 1 <= --stride <= ctx - 1 (got {args.ctx}, {stride})")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: no CUDA device is available (try --device cpu)")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    tok = Tokenizer.from_dir(model_dir)
+    ids = tok.encode(args.file.read_text(encoding="utf-8"), bos=False)[: args.max_tokens]
+    if not ids:
+        raise SystemExit(f"error: -f/--file: {args.file} has no tokens")
+    model = load_model(model_dir, device=device, dtype=DTYPES[args.dtype])
+    res = perplexity(model, ids, tok.bos_id, args.ctx, stride, progress=not args.no_progress)
+    res |= {"model": str(model_dir), "file": str(args.file), "ctx": args.ctx, "stride": stride,
+            "device": str(device), "dtype": args.dtype}
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"perplexity {res['perplexity']:.3f} over {res['tokens']} tokens "
+              f"(ctx {args.ctx}, stride {stride}) at {res['tokens_per_s']:.0f} tok/s")
+
+
+if __name__ == "__main__":
+    main()
