@@ -94,3 +94,16 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, tied):
         ours, theirs = model(tokens), hf(tokens).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     assert math.isclose(theirs.std().item(), ours.std().item(), rel_tol=1e-3)
+
+
+def test_load_balancing_loss_matches_transformers():
+    pytest.importorskip("transformers")
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    torch.manual_seed(0)
+    router = [torch.randn(30, 8) * 2 for _ in range(3)]
+    ours = ttm.load_balancing_loss(router, 8, 2)
+    theirs = load_balancing_loss_func(tuple(router), 8, 2)
+    torch.testing.assert_close(ours, theirs)
+    balanced = ttm.load_balancing_loss([torch.zeros(16, 8)], 8, 2)  # ties -> uniform probs: loss = k
+    assert balanced.item() == pytest.approx(2.0)

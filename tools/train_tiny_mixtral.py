@@ -452,6 +452,33 @@ def train(args) -> TinyMixtral:
     return model
 
 
+def plot(metrics_path: Path, png: Path) -> None:
+    """Train (smoothed) and validation loss against tokens seen, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    tok = np.array([r["tokens"] for r in recs]) / 1e6
+    train = np.array([r["train_loss"] for r in recs])
+    k = 25  # moving average over 25 steps: single batches of 2k tokens are noisy
+    smooth = np.convolve(train, np.ones(k) / k, mode="valid")
+    val = [(r["tokens"] / 1e6, r["valid_loss"]) for r in recs if "valid_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    ax.plot(tok, train, color="tab:blue", alpha=0.2, lw=0.6)
+    ax.plot(tok[k - 1 :], smooth, color="tab:blue", label=f"train (moving avg of {k} steps)")
+    ax.plot(*zip(*val, strict=True), "o-", color="tab:red", label="validation (austen-valid.txt)")
+    ax.set(xlabel="training tokens (millions)", ylabel="cross-entropy (nats/token)", ylim=(2.5, 8))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(f"tiny Mixtral: best validation loss {min(v for _, v in val):.3f} "
+                 f"(ppl {math.exp(min(v for _, v in val)):.1f})")
+    fig.tight_layout()
+    fig.savefig(png.with_name(png.name + ".tmp.png"))
+    os.replace(png.with_name(png.name + ".tmp.png"), png)
+
+
 def log(msg: str) -> None:
     print(time.strftime("%H:%M:%S ", time.gmtime()) + msg, file=sys.stderr, flush=True)
 
@@ -465,6 +492,7 @@ def parse_args(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue from run-dir/state.pt")
     ap.add_argument("--export-only", action="store_true", help="export run-dir's state (see --export-best)")
     ap.add_argument("--export-best", action="store_true", help="export best.pt (lowest valid loss)")
+    ap.add_argument("--plot", metavar="PNG", help="only draw run-dir/metrics.jsonl as loss curves (matplotlib)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--intermediate", type=int, default=256)
@@ -501,6 +529,9 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.plot:
+        plot(Path(args.run_dir) / "metrics.jsonl", Path(args.plot))
+        return
     if args.export_only:
         if not args.out:
             sys.exit("--export-only needs --out")
