@@ -9,10 +9,10 @@ in the offload engine, all resident), and measured:
 - bits/weight of the experts INCLUDING metadata (every byte of the packed buffer), and the
   bytes of one packed expert at this model's size and, computed from the same layout code,
   at Mixtral-8x7B's (w1, w3 [14336, 4096], w2 [4096, 14336]);
-- perplexity on held-out text: chunks of --ctx tokens, each scored independently (the first
-  token of a chunk is context only), mean NLL over all scored tokens;
-- relative logit error vs the unquantized model: ||L_q - L||_F / ||L||_F over the first
-  --err-chunks chunks.
+- perplexity on held-out text with mixtral_lite.perplexity (windows of --ctx tokens with BOS,
+  stride ctx/2, every token scored once);
+- relative logit error vs the unquantized model: ||L_q - L||_F / ||L||_F, averaged over the
+  first --err-windows disjoint windows.
 
 Writes benchmarks/results/quant_quality.json (atomically) and prints a markdown table.
 """
@@ -22,18 +22,17 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from mixtral_lite import default_model_path
 from mixtral_lite.config import ModelConfig
 from mixtral_lite.model import load_model
+from mixtral_lite.perplexity import perplexity
 from mixtral_lite.qstore import expert_matrices
 from mixtral_lite.runstats import write_json_atomic
 from mixtral_lite.tokenizer import Tokenizer
@@ -62,25 +61,27 @@ ATTENTION = [("16-bit", None), ("4-bit g64", QuantSpec(4, 64, 0, 16))]
 QUICK_EXPERTS = ("16-bit", "4-bit g64", "3-bit g128", "2-bit g32")
 
 
-def chunks(model_dir: Path, text: Path, ctx: int, max_chunks: int | None) -> list[torch.Tensor]:
-    """The text's token ids (BOS first) cut into [1, ctx] chunks; a short tail is dropped."""
-    ids = Tokenizer.from_dir(model_dir).encode(text.read_text(encoding="utf-8"))
-    n = len(ids) // ctx
-    out = [torch.tensor([ids[i * ctx : (i + 1) * ctx]]) for i in range(n)]
-    return out[:max_chunks] if max_chunks else out
+def eval_ids(model_dir: Path, text: Path, max_tokens: int | None) -> tuple[list[int], int]:
+    """The text's token ids (no BOS), cut to max_tokens, and the BOS id."""
+    tok = Tokenizer.from_dir(model_dir)
+    ids = tok.encode(text.read_text(encoding="utf-8"), bos=False)
+    return (ids[:max_tokens] if max_tokens else ids), tok.bos_id
+
+
+def err_windows(ids: list[int], bos: int, ctx: int, n: int) -> list[torch.Tensor]:
+    """The first n disjoint windows [1, ctx] (BOS + ctx - 1 text tokens) for the logit error."""
+    step = ctx - 1
+    return [torch.tensor([[bos] + ids[i * step : (i + 1) * step]]) for i in range(min(n, len(ids) // step))]
 
 
 @torch.inference_mode()
-def evaluate(model, data: list[torch.Tensor], ref_logits: list[torch.Tensor] | None) -> tuple[float, float | None]:
-    """(perplexity, relative logit error vs ref over len(ref_logits) chunks)."""
-    nll, count, errs = 0.0, 0, []
-    for i, toks in enumerate(data):
-        logits = model(toks)[0].float()  # [T, V]
-        nll += F.cross_entropy(logits[:-1], toks[0, 1:], reduction="sum").item()
-        count += toks.shape[1] - 1
-        if ref_logits is not None and i < len(ref_logits):
-            errs.append(((logits - ref_logits[i]).norm() / ref_logits[i].norm()).item())
-    return math.exp(nll / count), (sum(errs) / len(errs) if errs else None)
+def evaluate(model, ids: list[int], bos: int, args, ref: list[torch.Tensor]) -> tuple[float, float]:
+    """(sliding-window perplexity, mean relative logit error vs ref over the error windows)."""
+    ppl = perplexity(model, ids, bos, args.ctx, args.ctx // 2)["perplexity"]
+    errs = []
+    for x, r in zip(err_windows(ids, bos, args.ctx, len(ref)), ref, strict=True):
+        errs.append(((model(x)[0].float() - r).norm() / r.norm()).item())
+    return ppl, sum(errs) / len(errs)
 
 
 def sizes(cfg: ModelConfig, spec: QuantSpec | None) -> dict:
@@ -105,7 +106,7 @@ def fake_quant_attention(model, spec: QuantSpec) -> None:
             p.data.copy_(codec.decode(views(buf.to(p.device), layout))[0])
 
 
-def run_setting(src: Path, work: Path, e_label: str, e_spec, a_label: str, a_spec, data, ref, args) -> dict:
+def run_setting(src: Path, work: Path, e_label: str, e_spec, a_label: str, a_spec, ids, bos, ref, args) -> dict:
     cfg = ModelConfig.from_dir(src)
     row = {"experts": e_label, "attention": a_label, "expert_spec": e_spec and e_spec.to_dict(),
            "attention_spec": a_spec and a_spec.to_dict(), **sizes(cfg, e_spec)}
@@ -124,7 +125,7 @@ def run_setting(src: Path, work: Path, e_label: str, e_spec, a_label: str, a_spe
             torch.set_num_threads(threads)
         row["quantize_s"] = time.perf_counter() - t0
         model = load_model(dst, device=args.device, dtype=torch.float32)  # experts via the offload engine
-    row["perplexity"], row["rel_logit_error"] = evaluate(model, data, ref)
+    row["perplexity"], row["rel_logit_error"] = evaluate(model, ids, bos, args, ref)
     row["seconds"] = time.perf_counter() - t0
     return row
 
@@ -136,8 +137,9 @@ def table(rows: list[dict]) -> str:
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         err = "-" if r["rel_logit_error"] is None else f"{r['rel_logit_error']:.4f}"
+        mix = f"{r['expert_bytes_mixtral'] / 2**20:.1f} MiB ({r.get('bits_per_weight_mixtral', 16.0):.3f} b/w)"
         out.append(f"| {r['experts']} | {r['attention']} | {r['bits_per_weight']:.3f} | {r['expert_bytes']:,} "
-                   f"| {r['expert_bytes_mixtral'] / 2**20:.1f} MiB | {r['perplexity']:.3f} "
+                   f"| {mix} | {r['perplexity']:.3f} "
                    f"| {100 * (r['perplexity'] / base - 1):+.2f}% | {err} |")
     return "\n".join(out)
 
@@ -146,36 +148,36 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-m", "--model", type=Path, default=default_model_path(), help="HF Mixtral checkpoint")
     p.add_argument("--text", type=Path, default=TEXT, help="held-out text (default: austen-valid.txt)")
-    p.add_argument("--ctx", type=int, default=512, help="tokens per scored chunk")
-    p.add_argument("--max-chunks", type=int, help="score only the first N chunks")
-    p.add_argument("--err-chunks", type=int, default=4, help="chunks for the logit error")
+    p.add_argument("-c", "--ctx", type=int, default=512, help="tokens per window, BOS included (stride ctx/2)")
+    p.add_argument("--max-tokens", type=int, help="score only the first N text tokens")
+    p.add_argument("--err-windows", type=int, default=4, help="windows of ctx tokens for the logit error")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--quick", action="store_true", help="4 expert settings, 4 chunks of 128 tokens")
+    p.add_argument("--quick", action="store_true", help="4 expert settings, 512 tokens, ctx 128")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/quant_quality[-quick].json)")
     p.add_argument("--json", action="store_true", help="also print the JSON as the last stdout line")
     args = p.parse_args(argv)
     if args.quick:
-        args.ctx, args.max_chunks, args.err_chunks = 128, 4, 2
+        args.ctx, args.max_tokens, args.err_windows = 128, 512, 2
     if not (args.model / "config.json").is_file():
         print(f"error: -m/--model: {args.model} is not a model folder", file=sys.stderr)
         return 2
-    data = chunks(args.model, args.text, args.ctx, args.max_chunks)
-    print(f"{len(data)} chunks x {args.ctx} tokens of {args.text.name}", file=sys.stderr)
+    ids, bos = eval_ids(args.model, args.text, args.max_tokens)
+    print(f"{len(ids)} tokens of {args.text.name}, windows of {args.ctx}", file=sys.stderr)
     ref_model = load_model(args.model, device=args.device, dtype=torch.float32)
     with torch.inference_mode():
-        ref = [ref_model(t)[0].float() for t in data[: args.err_chunks]]
+        ref = [ref_model(x)[0].float() for x in err_windows(ids, bos, args.ctx, args.err_windows)]
     del ref_model
     experts = [e for e in EXPERTS if not args.quick or e[0] in QUICK_EXPERTS]
     rows = []
     with tempfile.TemporaryDirectory(prefix="quant_quality-") as work:
         for e_label, e_spec in experts:
             for a_label, a_spec in ATTENTION:
-                rows.append(run_setting(args.model, Path(work), e_label, e_spec, a_label, a_spec, data, ref, args))
+                rows.append(run_setting(args.model, Path(work), e_label, e_spec, a_label, a_spec, ids, bos, ref, args))
                 r = rows[-1]
                 print(f"{e_label:>16} experts, {a_label:>9} attention: {r['bits_per_weight']:.3f} bits/weight, "
                       f"ppl {r['perplexity']:.3f}, logit err {r['rel_logit_error']:.4f}", file=sys.stderr)
-    result = {"model": str(args.model), "text": str(args.text), "ctx": args.ctx, "chunks": len(data),
-              "scored_tokens": len(data) * (args.ctx - 1), "err_chunks": min(args.err_chunks, len(data)),
+    result = {"model": str(args.model), "text": str(args.text), "ctx": args.ctx, "stride": args.ctx // 2,
+              "scored_tokens": len(ids), "err_windows": len(ref),
               "device": args.device, "torch": torch.__version__, "rows": rows}
     out = args.out or RESULTS / ("quant_quality-quick.json" if args.quick else "quant_quality.json")
     write_json_atomic(out, result)

@@ -181,6 +181,7 @@ class Converter:
         self.num_shards = -(-self.total // self.per_shard)
         self.journal = Journal(dst / JOURNAL)
         self.progress = progress
+        self._handles: dict[Path, object] = {}
         self.head = {"settings": {"experts": spec.to_dict(), "attention": attn_spec and attn_spec.to_dict(),
                                   "shard_bytes": shard_bytes, "device": torch.device(device).type},
                      "source": source_identity(src)}
@@ -199,6 +200,13 @@ class Converter:
                                         f"{self.attn_spec.group_size}: tensor {name!r}: {e}") from None
         return out
 
+    def _src(self, name: str):
+        """safe_open handle of the source file holding `name` (opened once per file)."""
+        file = self.ckpt.file_of(name)
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+        return self._handles[file]
+
     def shard_name(self, i: int) -> str:
         return f"experts-{i + 1:05d}-of-{self.num_shards:05d}.safetensors"
 
@@ -213,7 +221,7 @@ class Converter:
                 n = self.attn_layouts[key].nbytes
                 plan.append((name, "U8", (n,), n))
                 continue
-            sl = safe_open(str(self.ckpt.file_of(name)), framework="pt").get_slice(name)
+            sl = self._src(name).get_slice(name)
             tag, shape = sl.get_dtype(), tuple(sl.get_shape())
             if tag not in ("F32", "F16", "BF16"):
                 raise QuantizeError(f"{self.ckpt.file_of(name)}: tensor {name!r} has dtype {tag}, expected a float")
@@ -225,7 +233,7 @@ class Converter:
         plan = self._dense_plan()
         w = StreamWriter(self.dst / (DENSE + ".partial"), plan)
         for name, tag, _, _ in plan:
-            t = safe_open(str(self.ckpt.file_of(name)), framework="pt").get_tensor(name)
+            t = self._src(name).get_tensor(name)
             if tag == "U8":
                 layout = self.attn_layouts["x".join(map(str, t.shape))]
                 buf = torch.zeros(layout.nbytes, dtype=torch.uint8)
@@ -348,6 +356,7 @@ def convert(src: str | Path, dst: str | Path, spec: QuantSpec, attn_spec: QuantS
             raise QuantizeError(f"{dst}: not empty; pass --resume to continue an interrupted run "
                                 "or choose an empty folder")
         if (dst / MANIFEST).is_file():
+            c.journal.path.unlink(missing_ok=True)  # killed after the manifest, before this cleanup
             print(f"{dst}: already a complete store; nothing to do", file=sys.stderr)
             return dst
         if not c.journal.path.is_file():
