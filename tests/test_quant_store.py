@@ -16,6 +16,7 @@ from mixtral_lite import offloading
 from mixtral_lite.checkpoint import Checkpoint, CheckpointError
 from mixtral_lite.config import ModelConfig
 from mixtral_lite.generate import generate
+from mixtral_lite.generate import main as generate_main
 from mixtral_lite.model import load_model
 from mixtral_lite.qstore import MANIFEST, expert_matrices, is_quantized_store, open_store
 from offload.quant import QuantSpec, expert_layout
@@ -104,27 +105,37 @@ def _files(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
 
 
-def test_killed_then_resumed_is_byte_identical(mixtral_ref, tmp_path):
+@pytest.mark.parametrize("kill_after", [3, 5])  # at a shard boundary; mid-shard with a torn write
+def test_killed_then_resumed_is_byte_identical(mixtral_ref, tmp_path, kill_after):
     _, src = mixtral_ref
     spec = QuantSpec(3, 64)
     nbytes = expert_layout(expert_matrices(ModelConfig.from_dir(src)), spec).nbytes
-    shard = 3 * nbytes  # 3 experts per shard: the kill (after 5) lands mid-shard, after a completed one
+    shard = 3 * nbytes  # 3 experts per shard, 4 shards
     full = qe.convert(src, tmp_path / "full", spec, shard_bytes=shard, progress=False)
     part = tmp_path / "part"
     with pytest.raises(qe.InjectedFailure):
-        qe.convert(src, part, spec, shard_bytes=shard, fail_after=5, progress=False)
+        qe.convert(src, part, spec, shard_bytes=shard, fail_after=kill_after, progress=False)
     assert not is_quantized_store(part)  # no manifest: does not look complete
-    partial = sorted(part.glob("*.partial"))
-    assert partial, "the interrupted shard is still under its temporary name"
-    with open(partial[0], "ab") as f:
-        f.write(b"half of an expert the kill interrupted")
+    done = sorted(p.name for p in part.glob("experts-*.safetensors"))
+    assert len(done) == kill_after // 3  # only completed shards carry their final name
+    for partial in part.glob("*.partial"):
+        with open(partial, "ab") as f:
+            f.write(b"half of an expert the kill interrupted")
     with open(part / qe.JOURNAL, "a") as f:
         f.write('{"expert": 5, "crc')  # and a journal line cut short
     with pytest.raises(qe.QuantizeError, match="not empty; pass --resume"):
         qe.convert(src, part, spec, shard_bytes=shard, progress=False)
     qe.convert(src, part, spec, shard_bytes=shard, resume=True, progress=False)
     assert _files(part) == _files(full)
-    assert len(json.loads((full / MANIFEST).read_text())["experts"]["shards"]) > 2
+    assert len(json.loads((full / MANIFEST).read_text())["experts"]["shards"]) == 4
+
+
+def test_generate_cli_runs_store(stores, capsys):
+    _, dsts = stores
+    generate_main(["-m", str(dsts[3]), "-p", "It is a truth", "-n", "4", "--experts-per-layer", "2",
+                   "--store", "mmap", "--ignore-eos"])
+    err = capsys.readouterr().err
+    assert "decode: 4 tokens" in err and "host->device" in err
 
 
 def test_resume_with_other_settings_refused(mixtral_ref, tmp_path):
