@@ -97,6 +97,7 @@ class OffloadEngine:
         guess_host: list[list[int]] | None = None,
     ) -> torch.Tensor:
         """Sum over a of weights[t, a] * expert_{ids[t][a]}(x[t]); x [T, D], weights [T, A] -> [T, D]."""
+        weights = weights.to(x.dtype)  # the provider contract (and HF Mixtral): weights in x's dtype
         groups = group_by_expert(ids_host)
         needed = list(groups)
         self.prefetcher.observe(layer, set(needed))

@@ -1,0 +1,198 @@
+"""Offloaded decoding on a Mixtral-shaped checkpoint: per-token time split into compute and stall.
+
+For K = 2..8 expert slots per layer, prefetch off/next, store ram/mmap: the same text is
+fed token by token (teacher forcing, so every configuration sees the same routing) after
+a prefill; the first `--warmup` decode steps fill the cache and are not counted. Per step
+it records wall time and the transfer stall (on CPU: the copy time itself; on CUDA: the
+compute stream's measured wait), and over the counted steps: hit rate, bytes host->device
+per token and prefetch recall. Medians over steps; JSON and a PNG to benchmarks/results/.
+
+    python benchmarks/bench_offload.py [-m CHECKPOINT] [--quick] [--device cpu] [--dtype bfloat16]
+
+Without -m it writes `tools/make_synthetic_checkpoint.py --preset mixtral-1/8` (L=32, E=8,
+D=512, I=1792; 5.5 MB per bf16 expert) into --work-dir once and reuses it. The weights are
+random, so routing (and hence hit rates and recall) is that of a random model, not Mixtral's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mixtral_lite.checkpoint import Checkpoint
+from mixtral_lite.config import DTYPES
+from mixtral_lite.experts import swiglu_expert
+from mixtral_lite.model import load_model
+from mixtral_lite.offloading import OffloadedExperts, make_factory, open_experts
+from mixtral_lite.tokenizer import Tokenizer
+from offload.engine import OffloadEngine
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+TEXT = ROOT.parent / "shared" / "data" / "corpus" / "austen-valid.txt"
+
+
+def checkpoint(args) -> Path:
+    if args.model:
+        return args.model
+    path = args.work_dir / f"mixtral-1-8-{args.dtype}"
+    if not (path / "config.json").is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, str(ROOT / "tools" / "make_synthetic_checkpoint.py"), str(path),
+                        "--preset", "mixtral-1/8", "--dtype", args.dtype], check=True)
+    return path
+
+
+def text_tokens(path: Path, n: int) -> list[int]:
+    tok = Tokenizer.from_dir(path)
+    ids = tok.encode(TEXT.read_text(encoding="utf-8")[:20000]) if TEXT.is_file() else []
+    if len(ids) < n:  # no corpus: seeded random ids
+        ids = torch.randint(3, tok.vocab_size, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+    return ids[:n]
+
+
+def counters(engine: OffloadEngine) -> dict:
+    c, p = engine.counters, engine.prefetcher
+    return dict(hits=c.hits, misses=c.misses, bytes=engine.transfer.bytes_copied,
+                stall=engine.transfer.stall_seconds(), rh=p.recall_hits, rt=p.recall_total,
+                issued=p.issued, used=p.used)
+
+
+def measure(model, engine: OffloadEngine, ids: list[int], prompt: int, warmup: int, device) -> dict:
+    """Prefill `prompt` tokens, then decode the rest teacher-forced; figures over the counted steps."""
+    cache = model.new_cache(1, len(ids) + 1)
+    cache.reset(torch.zeros(1, dtype=torch.long, device=device))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        model(torch.tensor([ids[:prompt]], device=device), cache, last_only=True)
+        steps, before = [], None
+        for i, t in enumerate(ids[prompt:]):
+            if i == warmup:
+                before = counters(engine)
+            s0 = engine.transfer.stall_seconds()
+            sync()
+            t0 = time.perf_counter()
+            model(torch.tensor([[t]], device=device), cache)
+            sync()
+            steps.append((time.perf_counter() - t0, engine.transfer.stall_seconds() - s0))
+    after, counted = counters(engine), steps[warmup:]
+    d = {k: after[k] - before[k] for k in after}
+    n = len(counted)
+    token = [s[0] for s in counted]
+    stall = [s[1] for s in counted]
+    return {
+        "token_ms": 1e3 * statistics.median(token),
+        "stall_ms": 1e3 * statistics.median(stall),
+        "compute_ms": 1e3 * statistics.median(a - b for a, b in counted),
+        "hit_rate": d["hits"] / (d["hits"] + d["misses"]),
+        "bytes_per_token": d["bytes"] / n,
+        "misses_per_token": d["misses"] / n,
+        "prefetch_loads_per_token": d["issued"] / n,
+        "prefetch_used_per_token": d["used"] / n,
+        "prefetch_recall": d["rh"] / d["rt"] if d["rt"] else None,
+        "decode_steps": n,
+    }
+
+
+def plot(rows: list[dict], meta: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for (store, pf), style in zip([("ram", "next"), ("ram", "off"), ("mmap", "next"), ("mmap", "off")],
+                                  ["-o", "--o", "-s", "--s"], strict=True):
+        sel = sorted((r for r in rows if r["store"] == store and r["prefetch"] == pf), key=lambda r: r["k"])
+        ks = [r["k"] for r in sel]
+        label = f"{store}, prefetch {pf}"
+        axes[0].plot(ks, [r["token_ms"] for r in sel], style, label=label)
+        axes[1].plot(ks, [r["stall_ms"] for r in sel], style, label=label)
+        axes[2].plot(ks, [r["hit_rate"] for r in sel], style, label=label)
+    for ax, title in zip(axes, ["ms per token (median)", "of which stall, ms", "hit rate"], strict=True):
+        ax.set_xlabel("expert slots per layer K")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"offloaded decode, {meta['model']} ({meta['device']}, {meta['dtype']}, "
+                 f"{meta['threads']} threads, {meta['expert_mb']:.1f} MB/expert)")
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-m", "--model", type=Path, help="checkpoint folder (default: a synthetic mixtral-1/8)")
+    ap.add_argument("--work-dir", type=Path, default=Path("/tmp/mixtral_lite_bench"))
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: oversubscribed cores make OpenMP spin)")
+    ap.add_argument("--prompt", type=int, default=32, help="prefill tokens")
+    ap.add_argument("--tokens", type=int, default=64, help="decoded tokens, warm-up included")
+    ap.add_argument("--warmup", type=int, default=16)
+    ap.add_argument("--k", type=int, nargs="+", default=list(range(2, 9)))
+    ap.add_argument("--quick", action="store_true", help="24 tokens (8 warm-up), prompt 16: minutes")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    if args.quick:
+        args.tokens, args.warmup, args.prompt = 24, 8, 16
+    torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    path = checkpoint(args)
+    ids = text_tokens(path, args.prompt + args.tokens)
+    model = load_model(path, device=device, dtype=dtype, experts=make_factory(slots=2, store="mmap"))
+    cfg, ckpt = model.config, Checkpoint(path)
+    rows = []
+    for store in ("ram", "mmap"):
+        t0 = time.perf_counter()
+        host, codec = open_experts(cfg, ckpt, store, device, dtype)
+        print(f"{store} store ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        for k in args.k:
+            for pf in ("next", "off"):
+                engine = OffloadEngine(host, codec, swiglu_expert, k, device, prefetch=pf == "next")
+                model.experts = OffloadedExperts(engine, pf == "next")
+                r = {"store": store, "k": k, "prefetch": pf,
+                     **measure(model, engine, ids, args.prompt, args.warmup, device)}
+                rows.append(r)
+                print(json.dumps(r), file=sys.stderr)
+                del engine
+        del host, codec
+    meta = {"model": str(path.name), "device": args.device, "dtype": args.dtype, "threads": args.threads,
+            "prompt_tokens": args.prompt, "decode_tokens": args.tokens, "warmup": args.warmup,
+            "expert_mb": 3 * cfg.hidden_size * cfg.intermediate_size * dtype.itemsize / 1e6,
+            "layers": cfg.num_layers, "experts": cfg.num_experts, "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(), "quick": args.quick}
+    out = args.out or RESULTS / ("bench_offload_quick.json" if args.quick else "bench_offload.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    os.replace(tmp, out)
+    plot(rows, meta, out.with_suffix(".png"))
+    print(table(rows))
+    print(f"wrote {out} and {out.with_suffix('.png')}", file=sys.stderr)
+
+
+def table(rows: list[dict]) -> str:
+    head = "| store | K | prefetch | ms/token | compute ms | stall ms | MB/token | hit rate | recall |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        rec = "-" if r["prefetch_recall"] is None else f"{r['prefetch_recall']:.2f}"
+        lines.append(f"| {r['store']} | {r['k']} | {r['prefetch']} | {r['token_ms']:.1f} | {r['compute_ms']:.1f} "
+                     f"| {r['stall_ms']:.1f} | {r['bytes_per_token'] / 1e6:.1f} | {r['hit_rate']:.3f} | {rec} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
