@@ -82,13 +82,12 @@ class OffloadEngine:
             self._load(layer, e, keep)
             self.prefetcher.loaded(layer, e)
 
-    def _compute(self, layer: int, expert: int, x: torch.Tensor, tok: list[int]) -> torch.Tensor:
+    def _compute(self, layer: int, expert: int, x: torch.Tensor, tok_idx: torch.Tensor | None) -> torch.Tensor:
         slot = self.cache.slot_of(layer, expert)
         key = self.cache.key(layer, slot)
         self.transfer.wait(key)
         mats = self.codec.decode(self._views[layer][slot])
-        xs = x if len(tok) == x.shape[0] == 1 else x[torch.tensor(tok, device=x.device)]
-        y = self.expert_fn(xs, *mats)
+        y = self.expert_fn(x if tok_idx is None else x[tok_idx], *mats)
         self.transfer.release(key)
         return y
 
@@ -113,15 +112,16 @@ class OffloadEngine:
         self._issue(layer, pending, pinned)
         if self.prefetch and guess_host is not None and layer + 1 < self.layers:
             self._prefetch(layer + 1, guess_host)
+        index = _indices(groups, x.device) if x.shape[0] > 1 else None
         outputs = {}
         for e in hits + misses:  # resident first, while the misses are in flight
             if self.cache.slot_of(layer, e) is None:
                 self._issue(layer, pending, pinned)
-            outputs[e] = self._compute(layer, e, x, groups[e][0])
+            outputs[e] = self._compute(layer, e, x, None if index is None else index[e][0])
             pinned.discard(e)
             self._issue(layer, pending, pinned)
         self.cache.tick(layer)
-        return _accumulate(x, groups, outputs, weights)
+        return _accumulate(x, groups, index, outputs, weights)
 
     def stats(self) -> dict:
         p = self.prefetcher
@@ -132,15 +132,25 @@ class OffloadEngine:
         )
 
 
-def _accumulate(x: torch.Tensor, groups: dict, outputs: dict, weights: torch.Tensor) -> torch.Tensor:
+def _indices(groups: dict, device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """expert -> (token indices, choice indices) on the device, from ONE host -> device copy."""
+    toks = [t for tok, _ in groups.values() for t in tok]
+    flat = torch.tensor(toks + [a for _, choice in groups.values() for a in choice], device=device)
+    out, start, n = {}, 0, len(toks)
+    for e, (tok, _) in groups.items():
+        end = start + len(tok)
+        out[e] = (flat[start:end], flat[n + start : n + end])
+        start = end
+    return out
+
+
+def _accumulate(x: torch.Tensor, groups: dict, index: dict | None, outputs: dict, weights: torch.Tensor):
     """Same operations, same order as mixtral_lite.experts.run_grouped: bitwise-equal sums."""
     out = torch.zeros_like(x)
-    if x.shape[0] == 1:  # decode: experts in choice order
-        for e, (_, choice) in groups.items():  # first use = choice order when T == 1
+    if index is None:  # decode, one token: experts in choice order (= first use)
+        for e, (_, choice) in groups.items():
             out += weights[:, choice[0] : choice[0] + 1] * outputs[e]
         return out
-    for e, (tok, choice) in groups.items():
-        tok_idx = torch.tensor(tok, device=x.device)
-        w = weights[tok_idx, torch.tensor(choice, device=x.device)].unsqueeze(1)
-        out.index_add_(0, tok_idx, w * outputs[e])
+    for e, (tok_idx, choice_idx) in index.items():
+        out.index_add_(0, tok_idx, weights[tok_idx, choice_idx].unsqueeze(1) * outputs[e])
     return out

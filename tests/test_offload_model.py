@@ -54,6 +54,8 @@ def test_offloaded_equals_resident_for_every_k(resident, store, prefetch):
         assert s["device_expert_bytes"] == k * cfg.num_layers * s["expert_bytes"]
         assert s["bytes_host_to_device"] == (s["expert_misses"] + s["prefetch_issued"]) * s["expert_bytes"]
         assert (s["prefetch_issued"] > 0) == prefetch
+        if k == cfg.num_experts:  # room for every expert: none crosses twice
+            assert max(model.experts.engine.counters.loads.values()) == 1
 
 
 def test_batched_generate_equal_with_offloading(mixtral_ref):
