@@ -96,7 +96,6 @@ class OffloadEngine:
         guess_host: list[list[int]] | None = None,
     ) -> torch.Tensor:
         """Sum over a of weights[t, a] * expert_{ids[t][a]}(x[t]); x [T, D], weights [T, A] -> [T, D]."""
-        weights = weights.to(x.dtype)  # the provider contract (and HF Mixtral): weights in x's dtype
         groups = group_by_expert(ids_host)
         needed = list(groups)
         self.prefetcher.observe(layer, set(needed))
@@ -145,12 +144,16 @@ def _indices(groups: dict, device: torch.device) -> dict[int, tuple[torch.Tensor
 
 
 def _accumulate(x: torch.Tensor, groups: dict, index: dict | None, outputs: dict, weights: torch.Tensor):
-    """Same operations, same order as mixtral_lite.experts.run_grouped: bitwise-equal sums."""
+    """Same operations, same order as mixtral_lite.experts.run_grouped: bitwise-equal sums.
+
+    weights may be fp32 with x in bf16: each product is formed in the promoted dtype, then
+    cast to x's dtype before it is added.
+    """
     out = torch.zeros_like(x)
     if index is None:  # decode, one token: experts in choice order (= first use)
         for e, (_, choice) in groups.items():
-            out += weights[:, choice[0] : choice[0] + 1] * outputs[e]
+            out += (weights[:, choice[0] : choice[0] + 1] * outputs[e]).to(x.dtype)
         return out
     for e, (tok_idx, choice_idx) in index.items():
-        out.index_add_(0, tok_idx, weights[tok_idx, choice_idx].unsqueeze(1) * outputs[e])
+        out.index_add_(0, tok_idx, (weights[tok_idx, choice_idx].unsqueeze(1) * outputs[e]).to(x.dtype))
     return out
