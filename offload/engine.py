@@ -134,7 +134,9 @@ class OffloadEngine:
 def _indices(groups: dict, device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """expert -> (token indices, choice indices) on the device, from ONE host -> device copy."""
     toks = [t for tok, _ in groups.values() for t in tok]
-    flat = torch.tensor(toks + [a for _, choice in groups.values() for a in choice], device=device)
+    flat = torch.tensor(toks + [a for _, choice in groups.values() for a in choice])
+    if device.type == "cuda":  # pinned + async: no host sync (the caching host allocator keeps it alive)
+        flat = flat.pin_memory().to(device, non_blocking=True)
     out, start, n = {}, 0, len(toks)
     for e, (tok, _) in groups.items():
         end = start + len(tok)
