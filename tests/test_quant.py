@@ -122,3 +122,15 @@ def test_bad_spec(kwargs, msg):
 def test_group_size_must_divide_matrix():
     with pytest.raises(ValueError, match="group size 48 does not divide a 10x8 matrix"):
         expert_layout({"w1": (10, 8)}, QuantSpec(4, 48))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("spec", [QuantSpec(2, 32, 0, 8), QuantSpec(3, 64, 1, 8), QuantSpec(4, 64, 0, 16)], ids=str)
+def test_cuda_decode_equals_hqq_on_cuda(spec):
+    parts = quantize_expert(_mats(5), spec, "cuda")
+    buf, layout = pack(parts)
+    outs = HQQCodec(SHAPES, spec, "cuda", torch.float16).decode(views(buf.cuda(), layout))
+    gpu_parts = {k: v.cuda() for k, v in parts.items()}
+    for (name, shape), got in zip(SHAPES.items(), outs, strict=True):
+        assert got.is_cuda and torch.equal(got, hqq_reference(gpu_parts, name, shape, spec, torch.float16))
