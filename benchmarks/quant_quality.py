@@ -10,7 +10,7 @@ in the offload engine, all resident), and measured:
   bytes of one packed expert at this model's size and, computed from the same layout code,
   at Mixtral-8x7B's (w1, w3 [14336, 4096], w2 [4096, 14336]);
 - perplexity on held-out text with mixtral_lite.perplexity (windows of --ctx tokens with BOS,
-  stride ctx/2, every token scored once);
+  advancing by --stride, every token scored once);
 - relative logit error vs the unquantized model: ||L_q - L||_F / ||L||_F, averaged over the
   first --err-windows disjoint windows.
 
@@ -77,7 +77,7 @@ def err_windows(ids: list[int], bos: int, ctx: int, n: int) -> list[torch.Tensor
 @torch.inference_mode()
 def evaluate(model, ids: list[int], bos: int, args, ref: list[torch.Tensor]) -> tuple[float, float]:
     """(sliding-window perplexity, mean relative logit error vs ref over the error windows)."""
-    ppl = perplexity(model, ids, bos, args.ctx, args.ctx // 2)["perplexity"]
+    ppl = perplexity(model, ids, bos, args.ctx, args.stride or args.ctx // 2)["perplexity"]
     errs = []
     for x, r in zip(err_windows(ids, bos, args.ctx, len(ref)), ref, strict=True):
         errs.append(((model(x)[0].float() - r).norm() / r.norm()).item())
@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-m", "--model", type=Path, default=default_model_path(), help="HF Mixtral checkpoint")
     p.add_argument("--text", type=Path, default=TEXT, help="held-out text (default: austen-valid.txt)")
-    p.add_argument("-c", "--ctx", type=int, default=512, help="tokens per window, BOS included (stride ctx/2)")
+    p.add_argument("-c", "--ctx", type=int, default=512, help="tokens per window, BOS included")
+    p.add_argument("--stride", type=int, help="window step (default ctx // 2; ctx - 1 = disjoint windows)")
     p.add_argument("--max-tokens", type=int, help="score only the first N text tokens")
     p.add_argument("--err-windows", type=int, default=4, help="windows of ctx tokens for the logit error")
     p.add_argument("--device", default="cpu")
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = rows[-1]
                 print(f"{e_label:>16} experts, {a_label:>9} attention: {r['bits_per_weight']:.3f} bits/weight, "
                       f"ppl {r['perplexity']:.3f}, logit err {r['rel_logit_error']:.4f}", file=sys.stderr)
-    result = {"model": str(args.model), "text": str(args.text), "ctx": args.ctx, "stride": args.ctx // 2,
+    result = {"model": str(args.model), "text": str(args.text), "ctx": args.ctx, "stride": args.stride or args.ctx // 2,
               "scored_tokens": len(ids), "err_windows": len(ref),
               "device": args.device, "torch": torch.__version__, "rows": rows}
     out = args.out or RESULTS / ("quant_quality-quick.json" if args.quick else "quant_quality.json")

@@ -2,8 +2,9 @@
 
 A matrix W [N, K] is quantized with hqq's half-quadratic optimiser in groups of
 `group_size` weights: W ~ (q - zero) * scale, q in [0, 2^bits). hqq groups along
-`axis`: axis=0 views W as [g, N*K/g] (a group runs down the columns of that view),
-axis=1 as [N*K/g, g] (a group is g consecutive weights of a row). The packed parts
+`axis`: axis=0 views W as [g, N*K/g] and groups down the columns of that view (when g
+divides N: one input column, every (N/g)-th output row), axis=1 as [N*K/g, g] (a group
+is g consecutive weights of a row). The packed parts
 (names are prefixed "<matrix>."):
 
     q        hqq's bitpacked codes: uint8 [g*b/8, M] for 2/4/8 bits, int32 [ceil(g/10), M]
@@ -21,8 +22,8 @@ hqq's `Quantizer.dequantize` reproduces it. After the metadata is rounded, the c
 re-rounded against the stored scale/zero (q = round(W / scale + zero), as hqq's own
 optimiser defines q for its final scale/zero), so the codes fit what is actually stored.
 
-Dequantization (`HQQCodec`, offload.codec's ExpertCodec) runs on any device from views of the packed buffer and
-writes into buffers allocated once; its arithmetic is hqq's (`Quantizer.dequantize`,
+Dequantization (`HQQCodec`, an offload.codec ExpertCodec) runs on any device from views of
+the packed buffer and writes into buffers allocated once; its arithmetic is hqq's (`Quantizer.dequantize`,
 (q - zero) * scale in the compute dtype; the 8-bit metadata is dequantized in float32
 and then cast), so the result is bitwise equal to hqq's dequantization of the same data.
 """
