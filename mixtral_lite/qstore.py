@@ -114,7 +114,13 @@ class QStore:
         self.attn_spec = QuantSpec.from_dict(att["spec"]) if att else None
         self._attn_layouts = {k: layout_from_dict(v) for k, v in att["layouts"].items()} if att else {}
         self._quantized = set(self.manifest["dense"]["quantized"])
-        self._dense = safe_open(str(self.path / DENSE), framework="pt", device="cpu")
+        for f in [self.path / DENSE, *self.expert_files()]:
+            if not f.is_file():
+                raise CheckpointError(f"{f}: listed by {MANIFEST} but missing; the store is incomplete")
+        try:
+            self._dense = safe_open(str(self.path / DENSE), framework="pt", device="cpu")
+        except Exception as e:  # safetensors has its own error types for corrupt files
+            raise CheckpointError(f"{self.path / DENSE}: not a readable safetensors file ({e})") from None
         self._expected = {n: s for n, s in expected_shapes(self.config).items() if ".experts." not in n}
         self._check_dense()
 

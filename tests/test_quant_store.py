@@ -174,6 +174,15 @@ def test_wrong_manifest_version(stores, tmp_path):
         load_model(dst)
 
 
+def test_missing_shard_named(stores, tmp_path):
+    _, dsts = stores
+    dst = shutil.copytree(dsts[8], tmp_path / "m")
+    shard = open_store(dst).expert_files()[0]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"{shard.name}: listed by manifest.json but missing"):
+        load_model(dst)
+
+
 def test_cli_bad_input(mixtral_ref, tmp_path, capsys):
     _, src = mixtral_ref
     assert qe.main([str(src), str(tmp_path / "x"), "--bits", "4", "--group-size", "12"]) == 2
