@@ -120,6 +120,7 @@ class SafetensorsSource:
                 self._index[name] = TensorInfo(i, info.dtype, info.shape, info.start, info.nbytes)
         self._maps: list[tuple[mmap.mmap, torch.Tensor] | None] = [None] * len(self.files)
         first = names(0, 0)
+        self.packed = layout is not None  # one tensor per expert holding the whole packed buffer
         if layout is None:
             if shapes is None or set(shapes) != set(first):
                 raise ValueError(f"unpacked source needs a shape per role {sorted(first)}, got {shapes}")
@@ -146,7 +147,7 @@ class SafetensorsSource:
         entries = {e.name: e for e in self.layout.entries}
         for role, name in names.items():
             info = self._info(layer, expert, role, name)
-            if len(names) == 1 and role not in entries:  # packed: the whole buffer
+            if self.packed:
                 want_dtype, want_shape, offset = "uint8", (self.layout.nbytes,), 0
             else:
                 e = entries[role]
