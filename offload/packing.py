@@ -71,7 +71,7 @@ def pack_into(buf: torch.Tensor, layout: Layout, tensors: dict[str, torch.Tensor
     """Copy `tensors` into the uint8 buffer `buf` at the layout's offsets."""
     if buf.dtype != torch.uint8 or buf.numel() != layout.nbytes:
         raise ValueError(f"buffer is {buf.dtype} x {buf.numel()}, layout needs uint8 x {layout.nbytes}")
-    for view, e in zip(views(buf, layout).values(), layout.entries):
+    for view, e in zip(views(buf, layout).values(), layout.entries, strict=True):
         src = tensors[e.name]
         if tuple(src.shape) != e.shape or dtype_name(src.dtype) != e.dtype:
             raise ValueError(f"tensor {e.name!r} is {src.dtype} {tuple(src.shape)}, layout says {e.dtype} {e.shape}")
