@@ -25,7 +25,7 @@ Policies (names for `make_policy`):
 
 On the real Mixtral-8x7B decode traces (benchmarks/README.md) at 4 slots per layer,
 hit rates are LRU 0.597/0.622 (gsm8k/humaneval), LFU 0.613/0.639, markov 0.621/0.648,
-Belady 0.727/0.747: markov closes about a fifth of the LRU-Belady gap, not half.
+Belady 0.727/0.747: markov closes 18%/20% of the LRU-Belady gap, not half.
 next-oracle, which knows the next step exactly, reaches 0.677/0.697, i.e. only ~60% of
 the gap: an online policy would need a near-perfect next-step predictor to close half.
 """
