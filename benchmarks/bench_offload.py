@@ -162,7 +162,7 @@ def plot(rows: list[dict], meta: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.5))
     for (store, pf), style in zip([("ram", "next"), ("ram", "off"), ("mmap", "next"), ("mmap", "off")],
                                   ["-o", "--o", "-s", "--s"], strict=True):
         sel = sorted((r for r in rows if r["store"] == store and r["prefetch"] == pf), key=lambda r: r["k"])
@@ -170,8 +170,10 @@ def plot(rows: list[dict], meta: dict, out: Path) -> None:
         label = f"{store}, prefetch {pf}"
         axes[0].plot(ks, [r["token_ms"] for r in sel], style, label=label)
         axes[1].plot(ks, [r["stall_ms"] for r in sel], style, label=label)
-        axes[2].plot(ks, [r["hit_rate"] for r in sel], style, label=label)
-    for ax, title in zip(axes, ["ms per token (median)", "of which stall, ms", "hit rate"], strict=True):
+        axes[2].plot(ks, [r["bytes_per_token"] / 1e6 for r in sel], style, label=label)
+        axes[3].plot(ks, [r["hit_rate"] for r in sel], style, label=label)
+    titles = ["ms per token (median)", "of which stall, ms", "MB host->device per token", "hit rate"]
+    for ax, title in zip(axes, titles, strict=True):
         ax.set_xlabel("expert slots per layer K")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -226,7 +228,13 @@ def main() -> None:
     ap.add_argument("--k", type=int, nargs="+", default=list(range(2, 9)))
     ap.add_argument("--quick", action="store_true", help="24 tokens (8 warm-up), prompt 16, 1 sweep: minutes")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--replot", type=Path, metavar="JSON", help="only redraw the PNG of an earlier run")
     args = ap.parse_args()
+    if args.replot:
+        data = json.loads(args.replot.read_text())
+        plot(data["rows"], data["meta"], args.replot.with_suffix(".png"))
+        print(table(data["rows"]))
+        return
     if args.quick:
         args.tokens, args.warmup, args.prompt, args.repeats = 24, 8, 16, 1
     torch.set_num_threads(args.threads)
