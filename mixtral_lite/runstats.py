@@ -57,12 +57,13 @@ def format_stats(stats: dict) -> str:
         f"peak device {stats['peak_device_bytes'] / mib:.1f} MiB",
     ]
     if "hit_rate" in stats:
+        recall = stats.get("prefetch_recall")  # None when prefetch is off (no guesses to score)
         lines.append(
-            f"experts: hit rate {stats['hit_rate']:.3f} ({stats['expert_hits']} hits, "
-            f"{stats['expert_misses']} misses)   prefetch recall {stats.get('prefetch_recall', 0):.3f} "
+            f"experts: hit rate {stats['hit_rate'] or 0:.3f} ({stats['expert_hits']} hits, "
+            f"{stats['expert_misses']} misses)   prefetch recall {'-' if recall is None else f'{recall:.3f}'} "
             f"({stats.get('prefetch_used', 0)}/{stats.get('prefetch_issued', 0)} used)")
         lines.append(
             f"transfers: {stats['bytes_host_to_device'] / mib:.1f} MiB host->device, "
-            f"{stats['bytes_per_token'] / mib:.2f} MiB/token   stall {stats['stall_s']:.3f} s   "
+            f"{(stats['bytes_per_token'] or 0) / mib:.2f} MiB/token   stall {stats['stall_s']:.3f} s   "
             f"expert pool {stats['device_expert_bytes'] / mib:.1f} MiB")
     return "\n".join(lines)
