@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 
 import pytest
 import torch
@@ -146,3 +147,29 @@ def test_dense_model_rejects_expert_flags(mistral_ref):
         offloading.build(parse("--experts-per-layer", "2"), cfg, torch.device("cpu"), torch.float32)
     with pytest.raises(SystemExit, match="--device-memory 0.001 GiB is too small for the dense model"):
         offloading.build(parse("--device-memory", "0.001"), cfg, torch.device("cpu"), torch.float32)
+
+
+OFFLOAD_KEYS = {"expert_hits", "expert_misses", "hit_rate", "prefetch_issued", "prefetch_used", "prefetch_recall",
+                "bytes_host_to_device", "bytes_per_token", "stall_s", "device_expert_bytes"}
+
+
+@pytest.mark.parametrize("flags", [("--experts-per-layer", "2", "--store", "mmap"),
+                                   ("--experts-per-layer", "3", "--prefetch", "off", "--cache-policy", "lfu")])
+def test_cli_offloaded_run_prints_the_same_text_and_reports_stats(mixtral_ref, tmp_path, capsys, flags):
+    from mixtral_lite.generate import main
+
+    _, path = mixtral_ref
+    base = ["-m", str(path), "-p", "It is a truth", "-n", "8", "--temperature", "0", "--ignore-eos"]
+    main([*base, "--stats-json", str(tmp_path / "resident.json")])
+    resident = capsys.readouterr().out
+    main([*base, *flags, "--stats-json", str(tmp_path / "offload.json")])
+    assert capsys.readouterr().out == resident
+    stats = json.loads((tmp_path / "offload.json").read_text())
+    assert OFFLOAD_KEYS <= set(stats)
+    k = int(flags[1])
+    assert stats["device_expert_bytes"] == k * 3 * 3 * 64 * 96 * 4  # K x layers x (w1, w2, w3 fp32)
+    assert stats["bytes_host_to_device"] == (stats["expert_misses"] + stats["prefetch_issued"]) * 3 * 64 * 96 * 4
+    assert (stats["prefetch_recall"] is None) == ("off" in flags)
+    resident_stats = json.loads((tmp_path / "resident.json").read_text())
+    assert "hit_rate" not in resident_stats
+    assert resident_stats["device_expert_bytes"] == 4 * 3 * 3 * 64 * 96 * 4  # every expert resident
