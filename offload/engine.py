@@ -7,7 +7,8 @@ model supplies it, e.g. SwiGLU), and a Prefetcher (guesses for the next layer).
 One step of layer l, given ids already on the host (the caller's single sync):
   1. group tokens by expert; every needed expert is pinned until it has been computed;
   2. start loads for the misses (as many as slots allow without touching pinned ones);
-  3. start the prefetch of the guessed experts into layer l+1's slots (never layer l's);
+  3. once every demand load is issued, start the prefetch of the guessed experts into
+     layer l+1's slots (never layer l's), so speculation never delays a needed copy;
   4. compute resident experts first, then misses as they arrive; each computed expert
      is unpinned, freeing its slot for misses still pending (prefill with > K experts);
   5. sum the outputs in the same order as `run_grouped` (so fp results are bitwise equal
@@ -82,6 +83,13 @@ class OffloadEngine:
             self._load(layer, e, keep)
             self.prefetcher.loaded(layer, e)
 
+    def _prefetch_when_idle(self, layer: int, guess: list[list[int]] | None, pending: deque[int]):
+        """Start the prefetch once no demand load is left to issue; returns the guess still due."""
+        if guess is None or pending:
+            return guess
+        self._prefetch(layer, guess)
+        return None
+
     def _compute(self, layer: int, expert: int, x: torch.Tensor, tok_idx: torch.Tensor | None) -> torch.Tensor:
         slot = self.cache.slot_of(layer, expert)
         key = self.cache.key(layer, slot)
@@ -108,9 +116,10 @@ class OffloadEngine:
         for e in needed:
             self.cache.access(layer, e)
         pinned, pending = set(needed), deque(misses)
+        # speculative loads queue behind every demand load of this step (one copy stream, FIFO)
+        guess = guess_host if self.prefetch and layer + 1 < self.layers else None
         self._issue(layer, pending, pinned)
-        if self.prefetch and guess_host is not None and layer + 1 < self.layers:
-            self._prefetch(layer + 1, guess_host)
+        guess = self._prefetch_when_idle(layer + 1, guess, pending)
         index = _indices(groups, x.device) if x.shape[0] > 1 else None
         outputs = {}
         for e in hits + misses:  # resident first, while the misses are in flight
@@ -119,6 +128,7 @@ class OffloadEngine:
             outputs[e] = self._compute(layer, e, x, None if index is None else index[e][0])
             pinned.discard(e)
             self._issue(layer, pending, pinned)
+            guess = self._prefetch_when_idle(layer + 1, guess, pending)
         self.cache.tick(layer)
         return _accumulate(x, groups, index, outputs, weights)
 

@@ -156,3 +156,17 @@ def test_cuda_copy_stream_matches_resident_experts(ckpt, store):
         assert s["bytes_host_to_device"] == (s["expert_misses"] + s["prefetch_issued"]) * EXPERT_BYTES
         assert s["stall_s"] >= 0 and engine.cache.pool.is_cuda
         assert engine.store.pinned == (store == "ram")
+
+
+def test_prefetch_waits_until_every_demand_load_is_issued(ckpt):
+    """Prefill with more experts than slots: layer 0's loads (in waves) all precede layer 1's guesses."""
+    tensors, files = ckpt
+    engine = make_engine(files, L, E, INTER, DIM, slots=2, prefetch=True)
+    order = []
+    load = engine._load
+    engine._load = lambda layer, e, pinned: (order.append(layer), load(layer, e, pinned))[1]
+    x, ids, w = steps(4, 2, 8, 1)[0][0]
+    ids[:] = [[t % E, (t + 1) % E] for t in range(8)]  # all 6 experts: 3 waves of 2
+    got = engine.run(0, x, ids, w, [[0, 1]] * 8)
+    assert torch.equal(got, reference(tensors, 0, x, ids, w))
+    assert order == [0] * E + [1, 1]
