@@ -43,6 +43,8 @@ def group_by_expert(ids_host: list[list[int]]) -> dict[int, tuple[list[int], lis
 
 
 class OffloadEngine:
+    """Experts of every layer served from `slots` device slots per layer; see the module docstring."""
+
     def __init__(
         self, store: ExpertStore, codec: ExpertCodec, expert_fn: Callable[..., torch.Tensor],
         slots: int, device: torch.device | str, policy: str = "lru", prefetch: bool = True,
