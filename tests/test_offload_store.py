@@ -91,24 +91,46 @@ def test_store_that_does_not_match_the_config(tmp_path):
         open_source(files, L, E, 12, DIM)
 
 
-def test_mmap_rss_stays_well_under_the_experts_size(tmp_path):
-    """~250 MB of fp16 experts streamed through a 2-slot pool: RSS grows by about the pool only."""
-    layers, experts, inter, dim = 4, 8, 1408, 1024
-    path = tmp_path / "big.safetensors"
-    expert_bytes = write_streaming(path, layers, experts, inter, dim)
-    total = layers * experts * expert_bytes
+BIG = (4, 8, 1408, 1024)  # layers, experts, I, D: ~277 MB of fp16 experts
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    path = tmp_path_factory.mktemp("big") / "big.safetensors"
+    return path, write_streaming(path, *BIG)
+
+
+def rss() -> int:
     gc.collect()
-    proc = psutil.Process()
-    rss0 = proc.memory_info().rss
+    return psutil.Process().memory_info().rss
+
+
+def test_mmap_rss_stays_well_under_the_experts_size(big):
+    """Every expert streamed through a 2-slot pool: RSS grows by about the pool only."""
+    path, expert_bytes = big
+    layers, experts, inter, dim = BIG
+    total = layers * experts * expert_bytes
+    rss0 = rss()
     engine = make_engine([path], layers, experts, inter, dim, slots=2, store="mmap", prefetch=False,
                          dtype=torch.float16)
     x, w = torch.ones(1, dim, dtype=torch.float16), torch.full((1, 2), 0.5, dtype=torch.float16)
     for step in range(experts // 2):
         for layer in range(layers):
             engine.run(layer, x, [[2 * step, 2 * step + 1]], w)
-    grown = proc.memory_info().rss - rss0
+    grown = rss() - rss0
     pool = engine.cache.allocated_bytes
     assert engine.stats()["bytes_host_to_device"] == total  # every expert really went through
     assert pool == total // 4
-    print(f"rss grew {grown / 1e6:.0f} MB, pool {pool / 1e6:.0f} MB, experts {total / 1e6:.0f} MB")
     assert grown < pool + total // 8, f"RSS grew {grown / 1e6:.0f} MB for {total / 1e6:.0f} MB of experts"
+
+
+def test_ram_store_is_built_without_a_second_copy(big):
+    """Packing from the mapped file drops each expert's pages: RSS grows by one copy, not two."""
+    path, expert_bytes = big
+    layers, experts, inter, dim = BIG
+    total = layers * experts * expert_bytes
+    rss0 = rss()
+    ram = RamStore(open_source([path], layers, experts, inter, dim))
+    grown = rss() - rss0
+    assert ram.host_bytes == total
+    assert total * 0.9 < grown < total * 1.25, f"RSS grew {grown / 1e6:.0f} MB for {total / 1e6:.0f} MB"
