@@ -56,6 +56,7 @@ EXPERTS = [
     ("3-bit g64 axis1", QuantSpec(3, 64, 1, 8)),
     ("2-bit g16", QuantSpec(2, 16, 0, 8)),
     ("2-bit g32", QuantSpec(2, 32, 0, 8)),
+    ("2-bit g32 axis1", QuantSpec(2, 32, 1, 8)),
 ]
 ATTENTION = [("16-bit", None), ("4-bit g64", QuantSpec(4, 64, 0, 16))]
 QUICK_EXPERTS = ("16-bit", "4-bit g64", "3-bit g128", "2-bit g32")
@@ -152,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stride", type=int, help="window step (default ctx // 2; ctx - 1 = disjoint windows)")
     p.add_argument("--max-tokens", type=int, help="score only the first N text tokens")
     p.add_argument("--err-windows", type=int, default=4, help="windows of ctx tokens for the logit error")
+    p.add_argument("--only", nargs="+", metavar="LABEL", help="expert settings to run (labels as in the table; "
+                   "16-bit is always run: it is the baseline)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="4 expert settings, 512 tokens, ctx 128")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/quant_quality[-quick].json)")
@@ -159,6 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.ctx, args.max_tokens, args.err_windows = 128, 512, 2
+    keep = set(QUICK_EXPERTS if args.quick else args.only or [e[0] for e in EXPERTS]) | {"16-bit"}
+    unknown = keep - {e[0] for e in EXPERTS}
+    if unknown:
+        print(f"error: --only: unknown settings {sorted(unknown)}; choose from {[e[0] for e in EXPERTS]}",
+              file=sys.stderr)
+        return 2
+    experts = [e for e in EXPERTS if e[0] in keep]
     if not (args.model / "config.json").is_file():
         print(f"error: -m/--model: {args.model} is not a model folder", file=sys.stderr)
         return 2
@@ -168,7 +178,6 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         ref = [ref_model(x)[0].float() for x in err_windows(ids, bos, args.ctx, args.err_windows)]
     del ref_model
-    experts = [e for e in EXPERTS if not args.quick or e[0] in QUICK_EXPERTS]
     rows = []
     with tempfile.TemporaryDirectory(prefix="quant_quality-") as work:
         for e_label, e_spec in experts:
