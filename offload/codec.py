@@ -27,7 +27,7 @@ from typing import Protocol
 
 import torch
 
-from offload.packing import _DTYPES, Layout
+from offload.packing import Layout, torch_dtype
 
 
 class ExpertCodec(Protocol):
@@ -55,7 +55,7 @@ class PlainCodec:
         self.layout, self.names, self.dtype = layout, tuple(names), dtype
         self._scratch: dict[str, torch.Tensor] = {}
         for n in names:
-            if _DTYPES[entries[n].dtype] != dtype:
+            if torch_dtype(entries[n].dtype) != dtype:
                 self._scratch[n] = torch.empty(entries[n].shape, dtype=dtype, device=device)
 
     def decode(self, views: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:

@@ -24,6 +24,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype a layout entry names ("bfloat16", "uint8", ...)."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r} in a packed layout; expected one of {sorted(_DTYPES)}") from None
+
+
 @dataclass(frozen=True)
 class Entry:
     name: str
@@ -91,5 +99,5 @@ def views(buf: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
     out = {}
     for e in layout.entries:
         raw = buf[e.offset : e.offset + e.nbytes]
-        out[e.name] = raw.view(_DTYPES[e.dtype]).view(e.shape)
+        out[e.name] = raw.view(torch_dtype(e.dtype)).view(e.shape)
     return out

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from refs import save_reference
+
+# One thread: the tiny models gain nothing from two, and on a shared 2-core machine a second
+# OpenMP thread spinning at every barrier made some tests 40x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
