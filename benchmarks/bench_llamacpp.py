@@ -26,6 +26,7 @@ llama.cpp is skipped with a message when llama_cpp is not importable (pip instal
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -196,9 +197,19 @@ def pick_model(args, tmp: Path) -> tuple[Path, str]:
                                      num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
         return random_checkpoint(tmp / "tiny", **shape), "random tiny (quick)"
     if default_model_path().is_dir():
-        return default_model_path(), str(default_model_path())
+        return default_model_path(), "shipped model (mixtral_lite/models/austen-mixtral)"
     print(f"{default_model_path()} does not exist yet: using a random checkpoint of its shape", file=sys.stderr)
     return random_checkpoint(tmp / "random", **SHIPPED_SHAPE), "random, shipped model's shape"
+
+
+def weights_digest(path: Path) -> str:
+    """First 16 hex digits of the SHA-256 of the checkpoint's safetensors files: which snapshot was timed."""
+    digest = hashlib.sha256()
+    for file in sorted(path.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def summarize(rates: dict, ids: dict) -> dict:
@@ -249,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
         path, label = pick_model(args, Path(tmp))
         prompt = Tokenizer.from_dir(path).encode(PROMPT)
         n_ctx = len(prompt) + n + 16
-        result = {"benchmark": "llamacpp", "model": label, "dtype": "float32", "prompt_tokens": len(prompt),
+        result = {"benchmark": "llamacpp", "model": label, "weights_sha256": weights_digest(path),
+                  "dtype": "float32", "prompt_tokens": len(prompt),
                   "tokens": n, "repeats": repeats, "llama_cpp_python": version, "llama_kv_cache": args.llama_kv,
                   "machine": f"{platform.machine()} {os.cpu_count()} cpus", "load_average_start": os.getloadavg()}
         gguf = None
