@@ -138,3 +138,14 @@ def test_missing_tokenizer_is_named_and_leaves_no_file(exported, tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.model"):
         export(path, tmp_path / "x.gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notok"]
+
+
+def test_dense_mistral_has_plain_ffn_tensors_and_no_experts(tmp_path):
+    _, path = save_reference(tmp_path / "mistral", arch="mistral", num_hidden_layers=1)
+    reader = gguf.GGUFReader(export(path, tmp_path / "m.gguf"))
+    tensors = _tensors(reader)
+    assert reader.get_field("llama.expert_count") is None
+    assert not any("exps" in n or "gate_inp" in n for n in tensors)
+    up = Checkpoint(path).get("model.layers.0.mlp.up_proj.weight", torch.float32, "cpu").numpy()
+    np.testing.assert_array_equal(tensors["blk.0.ffn_up.weight"].data, up)
+    assert {"blk.0.ffn_gate.weight", "blk.0.ffn_down.weight"} <= set(tensors)
