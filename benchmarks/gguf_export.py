@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mixtral_lite.checkpoint import Checkpoint, expert_name
+from mixtral_lite.checkpoint import Checkpoint, expected_shapes, expert_name
 from mixtral_lite.config import ModelConfig
 
 EXPERT_MATRICES = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}
@@ -62,36 +62,30 @@ def rope_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def plan(cfg: ModelConfig) -> list[Entry]:
     """Every tensor of the GGUF file, in writing order."""
-    d = cfg.hidden_size
+    d, shapes = cfg.hidden_size, expected_shapes(cfg)
+
+    def single(name: str, source: str, heads: int = 0) -> Entry:
+        return Entry(name, shapes[source], (source,), heads)
+
     out = [Entry("token_embd.weight", (cfg.vocab_size, d), ("model.embed_tokens.weight",))]
     for i in range(cfg.num_layers):
         p, b = f"model.layers.{i}.", f"blk.{i}."
         for hf, ours in LAYER_TENSORS.items():
             heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}.get(ours, 0)
-            out.append(_single(cfg, b + ours + ".weight", p + hf + ".weight", heads))
+            out.append(single(b + ours + ".weight", p + hf + ".weight", heads))
         if cfg.is_moe:
-            out.append(_single(cfg, b + "ffn_gate_inp.weight", p + "block_sparse_moe.gate.weight"))
+            out.append(single(b + "ffn_gate_inp.weight", p + "block_sparse_moe.gate.weight"))
             for w, ours in EXPERT_MATRICES.items():
                 names = tuple(expert_name(i, e, w) for e in range(cfg.num_experts))
-                shape = (cfg.num_experts, *_shape(cfg, names[0]))
+                shape = (cfg.num_experts, *shapes[names[0]])
                 out.append(Entry(b + ours + ".weight", shape, names))
         else:
             for hf, ours in DENSE_MLP.items():
-                out.append(_single(cfg, b + ours + ".weight", p + "mlp." + hf + ".weight"))
+                out.append(single(b + ours + ".weight", p + "mlp." + hf + ".weight"))
     out.append(Entry("output_norm.weight", (d,), ("model.norm.weight",)))
     if not cfg.tie_word_embeddings:  # tied: llama.cpp reuses token_embd when `output` is absent
         out.append(Entry("output.weight", (cfg.vocab_size, d), ("lm_head.weight",)))
     return out
-
-
-def _shape(cfg: ModelConfig, hf_name: str) -> tuple[int, ...]:
-    from mixtral_lite.checkpoint import expected_shapes
-
-    return expected_shapes(cfg)[hf_name]
-
-
-def _single(cfg: ModelConfig, name: str, source: str, heads: int = 0) -> Entry:
-    return Entry(name, _shape(cfg, source), (source,), heads)
 
 
 def storage_dtype(name: str, shape: tuple[int, ...], dtype: str) -> np.dtype:
