@@ -337,10 +337,13 @@ class Converter:
 
     def finish(self, crcs: list[int]) -> None:
         for name in ("config.json", "tokenizer.model"):
-            if (self.src / name).is_file():
-                tmp = self.dst / (name + ".partial")
-                shutil.copyfile(self.src / name, tmp)
-                os.replace(tmp, self.dst / name)
+            if not (self.src / name).is_file():
+                print(f"warning: {self.src / name} not found, not copied: `generate -m {self.dst}` "
+                      "needs it", file=sys.stderr)
+                continue
+            tmp = self.dst / (name + ".partial")
+            shutil.copyfile(self.src / name, tmp)
+            os.replace(tmp, self.dst / name)
         _atomic_write(self.dst / MANIFEST, json.dumps(self.manifest(crcs), indent=1).encode())
         self.journal.path.unlink()
 
