@@ -259,4 +259,5 @@ def child(job: dict) -> dict:
         "device_bytes": dev,
         "device_measured": device.type == "cuda",
         "counters": delta,
+        "loadavg_1m": os.getloadavg()[0],  # the CPU is shared: how busy it was
     }
