@@ -76,7 +76,9 @@ class OffloadEngine:
 
     def _prefetch(self, layer: int, guess_rows: list[list[int]]) -> None:
         want = self.prefetcher.plan(layer, guess_rows, self.cache.slots)
-        keep = set(want)  # a guess never evicts another guess of the same step
+        # a guess never evicts another guess of the same step, nor, while guessing has been
+        # worse than repetition, what the layer used at its previous step
+        keep = set(want) | self.prefetcher.protected(layer)
         for e in want:
             if self.cache.slot_of(layer, e) is not None:
                 continue

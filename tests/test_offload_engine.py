@@ -170,3 +170,24 @@ def test_prefetch_waits_until_every_demand_load_is_issued(ckpt):
     got = engine.run(0, x, ids, w, [[0, 1]] * 8)
     assert torch.equal(got, reference(tensors, 0, x, ids, w))
     assert order == [0] * E + [1, 1]
+
+
+def test_wrong_guesses_stop_evicting_sticky_experts(ckpt):
+    """Routing that repeats itself and a guess that is always wrong: after the first steps
+    show the guess losing to repetition, prefetch no longer evicts the layer's residents."""
+    tensors, files = ckpt
+    g = torch.Generator().manual_seed(9)
+    sticky, wrong = [0, 1], [4, 5]
+    engine = make_engine(files, L, E, INTER, DIM, slots=2, prefetch=True)
+    for _ in range(12):
+        for layer in range(L):
+            x = torch.randn(1, DIM, generator=g)
+            w = torch.softmax(torch.randn(1, 2, generator=g), -1)
+            engine.run(layer, x, [sticky], w, [wrong] if layer + 1 < L else None)
+    s = engine.stats()
+    assert s["prefetch_recall"] == 0.0
+    # step 0: no evidence yet, the guess fills layers 1..L-1 and all 2L choices miss; step 1:
+    # layer 1's guess is planned before any repetition was scored, so it evicts once more;
+    # from then on the residents are protected and every access hits
+    assert s["prefetch_issued"] == 2 * (L - 1) + 2
+    assert s["expert_misses"] == 2 * L + 2
