@@ -313,6 +313,8 @@ def main(argv: list[str] | None = None) -> dict:
         os.replace(tmp, path.with_suffix(suffix))
     plot(results, path.with_suffix(".png"))
     print(f"wrote {path} (.md, .png)")
+    if not a.quick and a.out is None:
+        update_readme(md)
     if a.json:
         print(
             json.dumps(
@@ -327,6 +329,24 @@ def main(argv: list[str] | None = None) -> dict:
             )
         )
     return out
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BEGIN, END = "<!-- bench_generate:begin -->", "<!-- bench_generate:end -->"
+
+
+def update_readme(md: str, readme: Path = README) -> None:
+    """Replace the README's performance table (between the markers) with the latest results."""
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        print(f"{readme}: no {BEGIN} ... {END} markers; performance table not updated", file=sys.stderr)
+        return
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    tmp = readme.with_suffix(".md.tmp")
+    tmp.write_text(f"{head}{BEGIN}\n{md}\n{END}{tail}")
+    os.replace(tmp, readme)
+    print(f"updated the performance table in {readme}", file=sys.stderr)
 
 
 def _torch_version() -> str:
