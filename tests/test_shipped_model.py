@@ -20,7 +20,7 @@ from mixtral_lite.tokenizer import Tokenizer
 MODEL = default_model_path()
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
 SLICE_TOKENS = 2048  # first text tokens of austen-valid.txt, ctx 512, stride 256
-MEASURED_PPL = 180.15  # interim (step 150); replaced at export
+MEASURED_PPL = 47.11  # measured at export (best.pt, step 2550), float32, this CPU
 PPL_BOUND = round(MEASURED_PPL * 1.1, 1)
 
 pytestmark = pytest.mark.skipif(not (MODEL / "model.safetensors").is_file(), reason="shipped model not built")
