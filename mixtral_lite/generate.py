@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV window when the model has no sliding_window; a window shorter than the "
                         "text is an approximation (Mixtral-8x7B has no sliding window)")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per prefill chunk")
+    p.add_argument("-t", "--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on cpu, the checkpoint's on cuda")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the Instruct chat format")
@@ -135,6 +136,10 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     text = read_prompt(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("error: -t/--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else _default_dtype(args.model, device)
     t0 = time.perf_counter()

@@ -65,6 +65,7 @@ def test_sampling_is_seeded(mixtral_ref, tmp_path, capsys):
     (["-f", "/nonexistent/prompt.txt"], "-f/--file: /nonexistent/prompt.txt does not exist"),
     (["-p", "x", "-n", "-1"], "-n/--max-new-tokens must be >= 0"),
     (["-p", "x", "--top-p", "0"], "--top-p"),
+    (["-p", "x", "-t", "0"], "-t/--threads must be >= 1"),
     (["-p", "x", "--temperature", "-1"], "--temperature"),
 ])
 def test_bad_input(mixtral_ref, argv, message):
