@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixtral_lite.model import RMSNorm, rotate  # the runtime's own: what it trains is what runs
+
 
 @dataclass
 class TinyConfig:
@@ -52,31 +54,12 @@ class TinyConfig:
         return self.hidden_size // self.num_heads
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fp32 statistics as HF does, result back in the input dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
 def rope_tables(cfg: TinyConfig, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [T, head_dim] in HF's rotate-half convention."""
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rot * sin
 
 
 class Attention(nn.Module):
@@ -95,7 +78,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.h, self.d).transpose(1, 2)  # [B,H,T,d]
         k = self.k_proj(x).view(b, t, self.kv, self.d).transpose(1, 2)  # [B,K,T,d]
         v = self.v_proj(x).view(b, t, self.kv, self.d).transpose(1, 2)  # [B,K,T,d]
-        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
+        q, k = rotate(q, cos, sin).to(v.dtype), rotate(k, cos, sin).to(v.dtype)
         rep = self.h // self.kv
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B,H,T,d]
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B,H,T,d]
