@@ -237,7 +237,7 @@ def checkpoints(a: argparse.Namespace) -> tuple[list[Path], list[Path]]:
         return models, a.quant_model
     # hqq quantization on this CPU takes ~20 s per Mixtral-1/8 expert (256 of them per bit width),
     # so by default only small checkpoints (the shipped model, or tiny with --quick) are quantized
-    return models, [m for m in models if m == shipped or a.quick]
+    return models, [m for m in models if m.resolve() == shipped.resolve() or a.quick]
 
 
 def main(argv: list[str] | None = None) -> dict:
