@@ -6,12 +6,16 @@ Hkv = kv heads, Dh = head dim, E = experts, A = experts per token, V = vocab.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import offloading, qstore
+from .checkpoint import Checkpoint, expert_name
 from .config import ModelConfig
-from .experts import ExpertProvider
+from .experts import ExpertProvider, ResidentExperts
 from .kv_cache import RollingKVCache
 
 
@@ -174,9 +178,6 @@ def _module_name(hf_name: str) -> str:
 
 def resident_experts(cfg: ModelConfig, ckpt, device, dtype):
     """Every expert on the device, stacked per layer; read one matrix at a time."""
-    from .checkpoint import expert_name
-    from .experts import ResidentExperts
-
     d, i_ = cfg.hidden_size, cfg.intermediate_size
     stacks = {w: [] for w in ("w1", "w2", "w3")}
     for layer in range(cfg.num_layers):
@@ -194,8 +195,6 @@ def load_model(path, *, device="cpu", dtype: torch.dtype = torch.float32, expert
     experts: optional factory (config, checkpoint, device, dtype) -> ExpertProvider that
     replaces loading every expert onto the device (the offload engine passes one).
     """
-    from .checkpoint import Checkpoint
-
     ckpt = _open_store(path)
     cfg = ckpt.config
     with torch.device("meta"):
@@ -222,22 +221,13 @@ def load_model(path, *, device="cpu", dtype: torch.dtype = torch.float32, expert
 
 def _open_store(path):
     """A Checkpoint for HF folders, the quantized store's reader for quantize_experts output."""
-    from pathlib import Path
-
-    from .checkpoint import Checkpoint
-
-    try:
-        from . import qstore
-    except ImportError:
-        qstore = None
-    if qstore is not None and qstore.is_quantized_store(Path(path)):
+    if qstore.is_quantized_store(Path(path)):
         return qstore.open_store(Path(path))
     return Checkpoint(path)
 
 
 def _default_store_experts():
-    from . import offloading
-
+    """Quantized experts have no resident path: they run from the offload engine, all cached."""
     return offloading.default_factory()
 
 
