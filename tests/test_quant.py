@@ -17,16 +17,6 @@ SHAPES = {"w1": (128, 64), "w2": (64, 128), "w3": (128, 64)}
 MIXTRAL = {"w1": (14336, 4096), "w2": (4096, 14336), "w3": (14336, 4096)}
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # hqq's optimiser on these tiny matrices is dominated by thread hand-offs: on a shared
-    # 2-core machine one thread is 5-40x faster. Restored after the module.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 def _mats(seed: int, shapes=SHAPES) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}

@@ -34,16 +34,6 @@ PROMPT = [1, 415, 2936, 9060, 285, 1142, 28705, 28770]
 LOGIT_BOUND = {2: 0.11, 3: 0.055, 4: 0.026, 8: 0.0017}
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # hqq's optimiser on these tiny matrices is dominated by thread hand-offs: on a shared
-    # 2-core machine one thread is 5-40x faster. Restored after the module.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 def _spec(bits: int) -> QuantSpec:
     return QuantSpec(bits, qe.DEFAULT_GROUP[bits] if bits != 3 else 64)
 
