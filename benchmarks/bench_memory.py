@@ -78,6 +78,7 @@ def child(job: dict) -> dict:
     import torch
 
     from mixtral_lite.generate import generate_stream
+    from mixtral_lite.kv_cache import kv_cache_bytes
     from mixtral_lite.model import load_model
     from mixtral_lite.offloading import make_factory
     from mixtral_lite.runstats import device_bytes
@@ -90,7 +91,7 @@ def child(job: dict) -> dict:
     t0 = time.perf_counter()
     model = load_model(job["model"], device=device, dtype=torch.float32, experts=factory)
     c = model.config
-    kv_bytes = 2 * c.num_layers * job["window"] * c.num_kv_heads * c.head_dim * 4
+    kv_bytes = kv_cache_bytes(c, job["window"], torch.float32)
     after_load = {**memory_now(), "load_s": time.perf_counter() - t0}
     samples, marks, t0 = [], set(job["lengths"]), time.perf_counter()
     stream = generate_stream(model, [PROMPT], max(job["lengths"]), window=job["window"], temperature=0.0)
@@ -108,7 +109,7 @@ def child(job: dict) -> dict:
         "after_load": after_load,
         "samples": samples,
         "kv_ring_bytes": kv_bytes,
-        "kv_bytes_per_token_unbounded": 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4,
+        "kv_bytes_per_token_unbounded": kv_cache_bytes(c, 1, torch.float32),
         "device_measured": device.type == "cuda",
         "hit_rate": stats.get("hit_rate"),
         "expert_pool_bytes": stats.get("device_expert_bytes", 0),

@@ -227,6 +227,7 @@ def child(job: dict) -> dict:
     """One configuration in this process: load, warm up, time the runs."""
     import torch
 
+    from mixtral_lite.kv_cache import kv_cache_bytes
     from mixtral_lite.runstats import device_bytes, peak_rss_bytes
 
     torch.set_num_threads(job["threads"])
@@ -249,7 +250,7 @@ def child(job: dict) -> dict:
         dev = None  # llama.cpp's own allocations: not visible from here
     else:
         c = model.config
-        dev = device_bytes(model, 2 * c.num_layers * job["window"] * c.num_kv_heads * c.head_dim * 4, device)
+        dev = device_bytes(model, kv_cache_bytes(c, job["window"], model.embed.weight.dtype), device)
     return {
         **job,
         "load_s": load_s,

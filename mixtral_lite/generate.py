@@ -16,6 +16,7 @@ import torch
 
 from . import default_model_path
 from .config import DTYPES, ModelConfig
+from .kv_cache import kv_cache_bytes
 from .model import Transformer, load_model
 from .runstats import device_bytes, format_stats, peak_rss_bytes, write_json_atomic
 from .sampling import check_args, sample
@@ -173,6 +174,7 @@ def _default_dtype(model_dir: Path, device: torch.device) -> torch.dtype:
 def run(model, tok: Tokenizer, ids: list[int], args, device: torch.device) -> dict:
     """Generate, streaming text to stdout; return the figures."""
     window = model.config.sliding_window or args.ctx_size
+    dtype = model.embed.weight.dtype
     eos = None if args.ignore_eos else tok.eos_id
     detok = StreamingDetokenizer(tok)
     generated: list[int] = []
@@ -198,14 +200,9 @@ def run(model, tok: Tokenizer, ids: list[int], args, device: torch.device) -> di
         "ttft_s": t_first - t0,
         "decode_tokens_per_s": decode_n / (t_end - t_first) if decode_n and t_end > t_first else 0.0,
         "peak_rss_bytes": peak_rss_bytes(),
-        "peak_device_bytes": device_bytes(model, _cache_bytes(model, window), device),
-        "window": window, "device": str(device), "dtype": str(model.embed.weight.dtype).removeprefix("torch."),
+        "peak_device_bytes": device_bytes(model, kv_cache_bytes(model.config, window, dtype), device),
+        "window": window, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
     }
-
-
-def _cache_bytes(model, window: int) -> int:
-    c = model.config
-    return 2 * c.num_layers * window * c.num_kv_heads * c.head_dim * model.embed.weight.element_size()
 
 
 if __name__ == "__main__":

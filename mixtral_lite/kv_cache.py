@@ -27,6 +27,11 @@ from __future__ import annotations
 import torch
 
 
+def kv_cache_bytes(cfg, window: int, dtype: torch.dtype, batch: int = 1) -> int:
+    """Bytes of keys and values a RollingKVCache of `window` slots holds for a model config."""
+    return 2 * cfg.num_layers * batch * window * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+
+
 class RollingKVCache:
     # k, v: [L, B, Hkv, W, Dh]; slot_index: [W] index held by each slot (-1 = empty);
     # valid: [B, W] False where the slot holds a padding token of that row.

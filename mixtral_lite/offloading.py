@@ -26,6 +26,7 @@ from offload.store import RamStore, SafetensorsSource
 from .checkpoint import expected_shapes, expert_name
 from .config import ModelConfig
 from .experts import swiglu_expert
+from .kv_cache import kv_cache_bytes
 
 ROLES = ("w1", "w2", "w3")  # the order swiglu_expert takes them
 GIB = 1 << 30
@@ -89,7 +90,7 @@ def dense_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
 
 def runtime_bytes(cfg: ModelConfig, dtype: torch.dtype, window: int, chunk: int) -> tuple[int, int]:
     """(KV cache, activations) estimates for batch 1, a KV window and a prefill chunk of tokens."""
-    kv = 2 * cfg.num_layers * window * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+    kv = kv_cache_bytes(cfg, window, dtype)
     # per token of a chunk: residual + norms + q/k/v/o, the expert's hidden pair, attention
     # scores over the window, and the logits row (fp32): a generous upper estimate
     per_token = (6 * cfg.hidden_size + 3 * cfg.intermediate_size + cfg.num_heads * window) * dtype.itemsize
