@@ -98,13 +98,16 @@ def sizes(cfg: ModelConfig, spec: QuantSpec | None) -> dict:
 
 def fake_quant_attention(model, spec: QuantSpec) -> None:
     """Replace attention weights by their quantize -> dequantize: what the store's load-time path gives."""
-    for name, p in model.named_parameters():
-        if name.endswith(tuple(f".attn.{w}_proj.weight" for w in "qkvo")):
-            layout = expert_layout({"w": tuple(p.shape)}, spec)
+    for block in model.layers:
+        attn = block.attn
+        q, kv = attn.h * attn.dh, attn.hkv * attn.dh
+        qkv = attn.qkv_proj.weight.data  # q, k and v are separate matrices in the store: quantize each
+        for w in (qkv[:q], qkv[q : q + kv], qkv[q + kv :], attn.o_proj.weight.data):
+            layout = expert_layout({"w": tuple(w.shape)}, spec)
             buf = torch.zeros(layout.nbytes, dtype=torch.uint8)
-            pack_into(buf, layout, quantize_expert({"w": p.data.cpu()}, spec, "cpu"))
-            codec = HQQCodec({"w": tuple(p.shape)}, spec, p.device, p.dtype)
-            p.data.copy_(codec.decode(views(buf.to(p.device), layout))[0])
+            pack_into(buf, layout, quantize_expert({"w": w.cpu()}, spec, "cpu"))
+            codec = HQQCodec({"w": tuple(w.shape)}, spec, w.device, w.dtype)
+            w.copy_(codec.decode(views(buf.to(w.device), layout))[0])
 
 
 def run_setting(src: Path, work: Path, e_label: str, e_spec, a_label: str, a_spec, ids, bos, ref, args) -> dict:

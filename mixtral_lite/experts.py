@@ -66,17 +66,29 @@ def run_grouped(x: torch.Tensor, ids_host: list[list[int]], weights: torch.Tenso
 
 
 class ResidentExperts:
-    """Every expert of every layer on the device: w1/w3 [L][E, I, D], w2 [L][E, D, I]."""
+    """Every expert of every layer on the device: w13 [L][E, 2I, D] (w1 rows, then w3 rows), w2 [L][E, D, I].
+
+    w1 and w3 share one matrix so that a decoding token runs each expert's up-projections as
+    one matrix-vector product.
+    """
 
     wants_guess = False
 
-    def __init__(self, w1: list[torch.Tensor], w2: list[torch.Tensor], w3: list[torch.Tensor]):
-        self.w1, self.w2, self.w3 = w1, w2, w3
+    def __init__(self, w13: list[torch.Tensor], w2: list[torch.Tensor]):
+        self.w13, self.w2 = w13, w2
+        self.inter = w2[0].shape[-1] if w2 else 0
 
     def stats(self) -> dict:
-        tensors = [t for ws in (self.w1, self.w2, self.w3) for t in ws]
-        return {"device_expert_bytes": sum(t.numel() * t.element_size() for t in tensors)}
+        return {"device_expert_bytes": sum(t.numel() * t.element_size() for t in (*self.w13, *self.w2))}
 
     def run(self, layer, x, ids, weights, next_guess=None):
-        w1, w2, w3 = self.w1[layer], self.w2[layer], self.w3[layer]
-        return run_grouped(x, ids.tolist(), weights, lambda e: (w1[e], w2[e], w3[e]))
+        w13, w2, i_ = self.w13[layer], self.w2[layer], self.inter
+        ids_host = ids.tolist()
+        if len(ids_host) == 1:  # decode: the same sums as run_grouped, with w1 and w3 in one product
+            out = None
+            for a, e in enumerate(ids_host[0]):
+                h = F.linear(x, w13[e])
+                y = (weights[:, a : a + 1] * F.linear(F.silu(h[:, :i_]) * h[:, i_:], w2[e])).to(x.dtype)
+                out = y if out is None else out.add_(y)
+            return out
+        return run_grouped(x, ids_host, weights, lambda e: (w13[e, :i_], w2[e], w13[e, i_:]))

@@ -47,6 +47,7 @@ class RollingKVCache:
         self.pad = torch.zeros(batch, device=device, dtype=torch.long)
         self.window, self.batch = window, batch
         self.index = 0  # index of the next token (host int: no sync to read it)
+        self.padded = False  # some row has left padding (set by reset)
 
     @property
     def nbytes(self) -> int:
@@ -57,6 +58,7 @@ class RollingKVCache:
         self.slot_index.fill_(-1)
         self.valid.zero_()
         self.pad.copy_(pad if pad is not None else torch.zeros_like(self.pad))
+        self.padded = pad is not None and bool(pad.any())  # one host read per sequence, not per step
         self.index = 0
 
     def positions(self, num_tokens: int) -> torch.Tensor:
@@ -64,23 +66,29 @@ class RollingKVCache:
         idx = torch.arange(self.index, self.index + num_tokens, device=self.pad.device)
         return idx.unsqueeze(0) - self.pad.unsqueeze(1)
 
-    def begin(self, num_tokens: int) -> torch.Tensor:
+    def begin(self, num_tokens: int) -> torch.Tensor | None:
         """Prepare a step of num_tokens new tokens; returns the mask [B, 1, T, S] (True = attend).
 
-        The mask is computed once per step and shared by every layer.
+        The mask is computed once per step and shared by every layer. Decoding without
+        padding needs none (every filled slot is within the window): None.
         """
         T, W = num_tokens, self.window
-        self._q_idx = q_idx = torch.arange(self.index, self.index + T, device=self.pad.device)
         self._decode = T == 1 and self.index > 0
         if self._decode:  # write first, then attend over the filled slots
-            self._mark(q_idx)
-            n = min(self.index + 1, W)
+            self._slot = slot = self.index % W
+            self._n = n = min(self.index + 1, W)
+            self.slot_index[slot] = self.index
+            if not self.padded:
+                self.valid[:, slot] = True
+                return None
+            self.valid[:, slot] = self.index >= self.pad
+            q_idx = self.slot_index.new_full((1,), self.index)
             k_idx, k_valid = self.slot_index[:n], self.valid[:, :n]
         else:  # prefill chunk: the cache as it was + the chunk itself
-            n = min(self.index, W)
+            self._q_idx = q_idx = torch.arange(self.index, self.index + T, device=self.pad.device)
+            self._n = n = min(self.index, W)
             k_idx = torch.cat([self.slot_index[:n], q_idx])
             k_valid = torch.cat([self.valid[:, :n], self._real(q_idx)], dim=1)
-        self._n = n
         dist = q_idx[:, None] - k_idx[None, :]  # [T, S]
         mask = ((dist >= 0) & (dist < W) & (k_idx[None, :] >= 0))[None] & k_valid[:, None, :]
         mask |= dist[None] == 0  # every query sees itself: padding rows never get an empty softmax
@@ -89,21 +97,33 @@ class RollingKVCache:
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this layer's new keys/values; return the keys and values to attend over.
 
-        k, v: [B, Hkv, T, Dh] for the T new tokens (already rotated); returns [B, Hkv, S, Dh] x 2.
+        k, v: [B, T, Hkv, Dh] for the T new tokens (already rotated; views of the projection are
+        fine); returns [B, Hkv, S, Dh] x 2.
         """
         n = self._n
         if self._decode:
-            self._store(layer, k, v)
+            self.k[layer, :, :, self._slot].copy_(k[:, 0])
+            self.v[layer, :, :, self._slot].copy_(v[:, 0])
             return self.k[layer, :, :, :n], self.v[layer, :, :, :n]
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, Dh]
         keys = torch.cat([self.k[layer, :, :, :n], k], dim=2)
         values = torch.cat([self.v[layer, :, :, :n], v], dim=2)
-        self._store(layer, k, v)
+        q_idx = self._kept(self._q_idx)
+        keep = len(q_idx)
+        slots = q_idx % self.window
+        self.k[layer].index_copy_(2, slots, k[:, :, -keep:])
+        self.v[layer].index_copy_(2, slots, v[:, :, -keep:])
         return keys, values
 
     def end(self) -> None:
         """Finish the step begun by begin(), after every layer has called attend()."""
-        if not self._decode:
-            self._mark(self._q_idx)
+        if self._decode:
+            self.index += 1
+            return
+        q_idx = self._kept(self._q_idx)
+        slots = q_idx % self.window
+        self.slot_index.index_copy_(0, slots, q_idx)
+        self.valid.index_copy_(1, slots, self._real(q_idx))
         self.index += len(self._q_idx)
 
     def _real(self, q_idx: torch.Tensor) -> torch.Tensor:
@@ -111,16 +131,3 @@ class RollingKVCache:
 
     def _kept(self, q_idx: torch.Tensor) -> torch.Tensor:
         return q_idx[-self.window :]  # a chunk longer than W keeps only its last W tokens
-
-    def _mark(self, q_idx: torch.Tensor) -> None:
-        q_idx = self._kept(q_idx)
-        slots = q_idx % self.window
-        self.slot_index.index_copy_(0, slots, q_idx)
-        self.valid.index_copy_(1, slots, self._real(q_idx))
-
-    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        q_idx = self._kept(self._q_idx)
-        keep = len(q_idx)
-        slots = q_idx % self.window
-        self.k[layer].index_copy_(2, slots, k[:, :, -keep:])
-        self.v[layer].index_copy_(2, slots, v[:, :, -keep:])

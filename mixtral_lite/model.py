@@ -26,6 +26,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op; equal to the three-step form below in fp32
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # normalise in fp32, scale in the input dtype: what transformers does, bit for bit
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -35,15 +37,27 @@ class RMSNorm(nn.Module):
 class Rotary:
     """RoPE at absolute positions (rotate-half layout, as in the HF checkpoints)."""
 
+    BLOCK = 64  # decoding reads cos/sin from a block of this many positions, recomputed as it moves on
+
     def __init__(self, head_dim: int, theta: float, device):
         exps = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
         self.inv_freq = 1.0 / (theta**exps)
+        self._block_start, self._block = -1, None
+
+    def at(self, position: int, dtype: torch.dtype):
+        """cos, sin [1, 1, 1, Dh] of one position shared by every row (decoding without padding)."""
+        start = position - position % self.BLOCK
+        if start != self._block_start or self._block[0].dtype != dtype:
+            positions = torch.arange(start, start + self.BLOCK, device=self.inv_freq.device)[None]
+            self._block, self._block_start = self.cos_sin(positions, dtype), start
+        i = position - start
+        return self._block[0][:, i : i + 1], self._block[1][:, i : i + 1]
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
-        # positions [B, T] -> cos, sin [B, 1, T, Dh]
+        # positions [B, T] -> cos, sin [B, T, 1, Dh] (broadcast over the heads of [B, T, H, Dh])
         freqs = positions[..., None].float() * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -52,24 +66,24 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class Attention(nn.Module):
+    """GQA attention; q, k and v are one projection (their weights stacked at load time)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, dh = cfg.hidden_size, cfg.head_dim
         self.h, self.hkv, self.dh = cfg.num_heads, cfg.num_kv_heads, dh
-        self.q_proj = nn.Linear(d, self.h * dh, bias=False)
-        self.k_proj = nn.Linear(d, self.hkv * dh, bias=False)
-        self.v_proj = nn.Linear(d, self.hkv * dh, bias=False)
+        self.qkv_proj = nn.Linear(d, (self.h + 2 * self.hkv) * dh, bias=False)  # rows: q, then k, then v
         self.o_proj = nn.Linear(self.h * dh, d, bias=False)
 
     def forward(self, x, layer: int, cache: RollingKVCache, rope, mask):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.h, self.dh).transpose(1, 2)  # [B, H, T, Dh]
-        k = self.k_proj(x).view(B, T, self.hkv, self.dh).transpose(1, 2)  # [B, Hkv, T, Dh]
-        v = self.v_proj(x).view(B, T, self.hkv, self.dh).transpose(1, 2)
-        q, k = rotate(q, *rope), rotate(k, *rope)
-        keys, values = cache.attend(layer, k, v)  # [B, Hkv, S, Dh]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.h != self.hkv)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.h * self.dh))
+        h, hkv = self.h, self.hkv
+        qkv = F.linear(x, self.qkv_proj.weight).view(B, T, h + 2 * hkv, self.dh)
+        qk = rotate(qkv[:, :, : h + hkv], *rope)  # q and k rotated together: [B, T, H + Hkv, Dh]
+        keys, values = cache.attend(layer, qk[:, :, h:], qkv[:, :, h + hkv :])  # [B, Hkv, S, Dh]
+        out = F.scaled_dot_product_attention(qk[:, :, :h].transpose(1, 2), keys, values, attn_mask=mask,
+                                             enable_gqa=h != hkv)  # [B, H, T, Dh]
+        return F.linear(out.transpose(1, 2).reshape(B, T, h * self.dh), self.o_proj.weight)
 
 
 class MLP(nn.Module):
@@ -154,10 +168,13 @@ class Transformer(nn.Module):
         if self.rotary is None:
             self.rotary = Rotary(self.config.head_dim, self.config.rope_theta, tokens.device)
         h = self.embed(tokens)
-        rope = self.rotary.cos_sin(cache.positions(T), h.dtype)
+        if T == 1 and not cache.padded:  # decoding: every row at the same position
+            rope = self.rotary.at(cache.index, h.dtype)
+        else:
+            rope = self.rotary.cos_sin(cache.positions(T), h.dtype)
         mask = cache.begin(T)
-        for i, block in enumerate(self.layers):
-            nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
+        blocks = list(self.layers)
+        for block, nxt in zip(blocks, blocks[1:] + [None], strict=True):
             h = block(h, cache, rope, mask, self.experts, nxt)
         cache.end()
         if last_only:
@@ -176,17 +193,36 @@ def _module_name(hf_name: str) -> str:
     return name
 
 
+QKV = (".q_proj.weight", ".k_proj.weight", ".v_proj.weight")
+
+
+def _load_qkv_rows(model: Transformer, name: str, weight: torch.Tensor) -> None:
+    """Copy q_proj, k_proj or v_proj into its rows of the attention's fused qkv_proj."""
+    attn: Attention = model.get_submodule(name.rsplit(".", 2)[0])
+    fused = attn.qkv_proj.weight
+    if fused.is_meta:  # first of the three: allocate the fused weight where the model lives
+        fused = nn.Parameter(torch.empty(fused.shape, device=weight.device, dtype=weight.dtype),
+                             requires_grad=False)
+        attn.qkv_proj.weight = fused
+    q, kv = attn.h * attn.dh, attn.hkv * attn.dh
+    start = {"q": 0, "k": q, "v": q + kv}[name.rsplit(".", 2)[1][0]]
+    fused[start : start + weight.shape[0]].copy_(weight)
+
+
 def resident_experts(cfg: ModelConfig, ckpt, device, dtype):
-    """Every expert on the device, stacked per layer; read one matrix at a time."""
+    """Every expert on the device, stacked per layer (w1 and w3 in one matrix); read one matrix at a time."""
     d, i_ = cfg.hidden_size, cfg.intermediate_size
-    stacks = {w: [] for w in ("w1", "w2", "w3")}
+    w13, w2 = [], []
     for layer in range(cfg.num_layers):
-        for w, shape in (("w1", (i_, d)), ("w2", (d, i_)), ("w3", (i_, d))):
-            stack = torch.empty((cfg.num_experts, *shape), device=device, dtype=dtype)
-            for e in range(cfg.num_experts):
-                stack[e].copy_(ckpt.get(expert_name(layer, e, w), dtype, device))
-            stacks[w].append(stack)
-    return ResidentExperts(stacks["w1"], stacks["w2"], stacks["w3"])
+        up = torch.empty((cfg.num_experts, 2 * i_, d), device=device, dtype=dtype)
+        down = torch.empty((cfg.num_experts, d, i_), device=device, dtype=dtype)
+        for e in range(cfg.num_experts):
+            up[e, :i_].copy_(ckpt.get(expert_name(layer, e, "w1"), dtype, device))
+            up[e, i_:].copy_(ckpt.get(expert_name(layer, e, "w3"), dtype, device))
+            down[e].copy_(ckpt.get(expert_name(layer, e, "w2"), dtype, device))
+        w13.append(up)
+        w2.append(down)
+    return ResidentExperts(w13, w2)
 
 
 def load_model(path, *, device="cpu", dtype: torch.dtype = torch.float32, experts=None) -> Transformer:
@@ -204,6 +240,9 @@ def load_model(path, *, device="cpu", dtype: torch.dtype = torch.float32, expert
         if ".experts." in name:
             continue
         ours = _module_name(name)
+        if ours.endswith(QKV):
+            _load_qkv_rows(model, ours, ckpt.get(name, dtype, device))
+            continue
         if ours not in params:
             raise KeyError(f"{ckpt.path}: tensor {name!r} has no place in the model")
         module, _, attr = ours.rpartition(".")

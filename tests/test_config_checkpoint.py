@@ -121,4 +121,4 @@ def test_no_weights_at_all(tmp_path, mixtral_ref):
 
 def test_dtype_cast_on_load(mixtral_ref):
     model = load_model(mixtral_ref[1], dtype=torch.bfloat16)
-    assert model.embed.weight.dtype == torch.bfloat16 and model.experts.w1[0].dtype == torch.bfloat16
+    assert model.embed.weight.dtype == torch.bfloat16 and model.experts.w13[0].dtype == torch.bfloat16
