@@ -54,15 +54,21 @@ class Rotary:
         return self._block[0][:, i : i + 1], self._block[1][:, i : i + 1]
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
-        # positions [B, T] -> cos, sin [B, T, 1, Dh] (broadcast over the heads of [B, T, H, Dh])
+        # positions [B, T] -> cos, signed sin [B, T, 1, Dh] (broadcast over the heads of [B, T, H, Dh])
         freqs = positions[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return emb.cos().to(dtype), signed_sin(emb.sin()).to(dtype)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin [..., Dh] with its first half negated: what `rotate` takes."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """RoPE, rotate-half layout: x * cos + cat(-x2, x1) * sin, written as a roll (bitwise the same)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
 
 class Attention(nn.Module):

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixtral_lite.model import RMSNorm, rotate  # the runtime's own: what it trains is what runs
+from mixtral_lite.model import RMSNorm, rotate, signed_sin  # the runtime's own: what it trains is what runs
 
 
 @dataclass
@@ -55,11 +55,11 @@ class TinyConfig:
 
 
 def rope_tables(cfg: TinyConfig, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, head_dim] in HF's rotate-half convention."""
+    """cos, signed sin [T, head_dim] in HF's rotate-half convention (what `rotate` takes)."""
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv)
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+    return emb.cos(), signed_sin(emb.sin())
 
 
 class Attention(nn.Module):
