@@ -87,8 +87,8 @@ class ResidentExperts:
         if len(ids_host) == 1:  # decode: the same sums as run_grouped, with w1 and w3 in one product
             out = None
             for a, e in enumerate(ids_host[0]):
-                h = F.linear(x, w13[e])
-                y = (weights[:, a : a + 1] * F.linear(F.silu(h[:, :i_]) * h[:, i_:], w2[e])).to(x.dtype)
+                gate, up = F.linear(x, w13[e]).split(i_, dim=-1)  # w1 x, w3 x
+                y = (weights[:, a : a + 1] * F.linear(F.silu(gate) * up, w2[e])).to(x.dtype)
                 out = y if out is None else out.add_(y)
             return out
         return run_grouped(x, ids_host, weights, lambda e: (w13[e, :i_], w2[e], w13[e, i_:]))

@@ -115,7 +115,7 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # x [N, D] -> weights [N, A] fp32, ids [N, A]; softmax and renormalisation in fp32
-        probs = F.softmax(self.router(x).float(), dim=-1)
+        probs = F.softmax(F.linear(x, self.router.weight).float(), dim=-1)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         return weights / weights.sum(dim=-1, keepdim=True), ids
 
