@@ -45,7 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from generate_runners import PROMPT_LEN, child  # noqa: E402
+from generate_runners import PROMPT_LEN, child, source_stamp  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -59,8 +59,8 @@ def _load_bench_memory():
 
 
 def quantized(src: Path, bits: int, workdir: Path) -> Path:
-    """A quantized store of `src` (tools/quantize_experts.py, default group size), made once."""
-    dst = workdir / f"{src.name}-q{bits}"
+    """A quantized store of `src` (tools/quantize_experts.py, default group size), made once per version of src."""
+    dst = workdir / f"{src.name}-{source_stamp(src)}-q{bits}"
     if (dst / "manifest.json").is_file():
         return dst
     if dst.exists():

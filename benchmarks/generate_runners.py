@@ -15,6 +15,23 @@ import time
 PROMPT_LEN = 64
 
 
+def source_stamp(src) -> str:
+    """12 hex digits naming a checkpoint's current files (names, sizes, mtimes).
+
+    Artefacts derived from a checkpoint (its GGUF, its quantized stores) carry this in their
+    file names, so a checkpoint rewritten in place (a training run's later snapshot) is never
+    measured through an artefact of its older weights.
+    """
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    for f in sorted(Path(src).glob("*.safetensors")) + [Path(src) / "config.json"]:
+        st = f.stat()
+        digest.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return digest.hexdigest()[:12]
+
+
 def prompts(count: int, vocab: int) -> list[list[int]]:
     """Deterministic prompts of PROMPT_LEN ids (BOS + a different stride each)."""
     return [[1] + [(1000 + 37 * (i + 1) * j) % (vocab - 3) + 3 for j in range(PROMPT_LEN - 1)] for i in range(count)]
@@ -184,7 +201,7 @@ def _llama_runner(job: dict):
 
     src = Path(job["model"])
     workdir = Path(job.get("workdir") or Path(os.environ.get("TMPDIR", "/tmp")) / "mixtral-lite-bench")
-    gguf = workdir / f"{src.name}-f32.gguf"
+    gguf = workdir / f"{src.name}-{source_stamp(src)}-f32.gguf"
     if not gguf.is_file():
         export(src, gguf, "f32")
     f32 = 0  # GGML_TYPE_F32: an fp32 KV cache, like ours

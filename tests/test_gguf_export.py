@@ -149,3 +149,19 @@ def test_dense_mistral_has_plain_ffn_tensors_and_no_experts(tmp_path):
     up = Checkpoint(path).get("model.layers.0.mlp.up_proj.weight", torch.float32, "cpu").numpy()
     np.testing.assert_array_equal(tensors["blk.0.ffn_up.weight"].data, up)
     assert {"blk.0.ffn_gate.weight", "blk.0.ffn_down.weight"} <= set(tensors)
+
+
+def test_derived_artefacts_follow_a_rewritten_checkpoint(tmp_path):
+    """bench_generate names a checkpoint's GGUF and quantized stores by source_stamp: a checkpoint
+    rewritten in place (a later training snapshot) must get a new name, not its old weights' GGUF."""
+    import os
+
+    from generate_runners import source_stamp
+
+    _, path = save_reference(tmp_path / "tiny")
+    before = source_stamp(path)
+    assert source_stamp(path) == before  # stable while nothing changes
+    weights = next(path.glob("*.safetensors"))
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # same size, rewritten later
+    assert source_stamp(path) != before
