@@ -48,6 +48,7 @@ class RollingKVCache:
         self.window, self.batch = window, batch
         self.index = 0  # index of the next token (host int: no sync to read it)
         self.padded = False  # some row has left padding (set by reset)
+        self._marked = 0  # slot_index/valid describe every token before this index
 
     @property
     def nbytes(self) -> int:
@@ -60,6 +61,7 @@ class RollingKVCache:
         self.pad.copy_(pad if pad is not None else torch.zeros_like(self.pad))
         self.padded = pad is not None and bool(pad.any())  # one host read per sequence, not per step
         self.index = 0
+        self._marked = 0  # slot_index/valid describe every token before this index
 
     def positions(self, num_tokens: int) -> torch.Tensor:
         """RoPE positions [B, T] of the next num_tokens tokens (negative for padding)."""
@@ -74,13 +76,14 @@ class RollingKVCache:
         """
         T, W = num_tokens, self.window
         self._decode = T == 1 and self.index > 0
+        if self._decode and not self.padded:  # every filled slot is attended: no mask, no slot bookkeeping
+            self._slot, self._n = self.index % W, min(self.index + 1, W)
+            return None
+        self._write_unmarked()
         if self._decode:  # write first, then attend over the filled slots
             self._slot = slot = self.index % W
             self._n = n = min(self.index + 1, W)
             self.slot_index[slot] = self.index
-            if not self.padded:
-                self.valid[:, slot] = True
-                return None
             self.valid[:, slot] = self.index >= self.pad
             q_idx = self.slot_index.new_full((1,), self.index)
             k_idx, k_valid = self.slot_index[:n], self.valid[:, :n]
@@ -119,12 +122,24 @@ class RollingKVCache:
         """Finish the step begun by begin(), after every layer has called attend()."""
         if self._decode:
             self.index += 1
+            if self.padded:
+                self._marked = self.index
             return
-        q_idx = self._kept(self._q_idx)
+        self._mark(self._q_idx)
+        self.index += len(self._q_idx)
+        self._marked = self.index
+
+    def _write_unmarked(self) -> None:
+        """Record in slot_index/valid the tokens decoded without bookkeeping (unpadded decoding)."""
+        if self._marked < self.index:
+            self._mark(torch.arange(self._marked, self.index, device=self.pad.device))
+            self._marked = self.index
+
+    def _mark(self, q_idx: torch.Tensor) -> None:
+        q_idx = self._kept(q_idx)
         slots = q_idx % self.window
         self.slot_index.index_copy_(0, slots, q_idx)
         self.valid.index_copy_(1, slots, self._real(q_idx))
-        self.index += len(self._q_idx)
 
     def _real(self, q_idx: torch.Tensor) -> torch.Tensor:
         return q_idx[None, :] >= self.pad[:, None]  # [B, T]

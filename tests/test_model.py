@@ -53,6 +53,21 @@ def test_chunked_prefill_longer_than_window(ref, chunk, request):
     assert diff <= 1e-4
 
 
+@pytest.mark.parametrize("ref", ["mixtral_window_ref", "mistral_window_ref"])
+def test_chunks_after_decoding_steps_equal_transformers(ref, request):
+    """Unpadded decoding skips the slot bookkeeping; a prompt chunk after it must still see every key."""
+    hf, path = request.getfixturevalue(ref)
+    ours = load_model(path)
+    x = prompt(30, seed=3)
+    cache = ours.new_cache(1, ours.config.sliding_window)  # window 8: decoding wraps the ring
+    with torch.no_grad():
+        parts = [ours(x[:, :5], cache)] + [ours(x[:, t : t + 1], cache) for t in range(5, 16)]
+        parts += [ours(x[:, 16:21], cache)] + [ours(x[:, t : t + 1], cache) for t in range(21, 27)]
+        parts += [ours(x[:, 27:30], cache)]
+        diff = (torch.cat(parts, dim=1) - hf(x).logits).abs().max().item()
+    assert diff <= 1e-4
+
+
 def hf_greedy(hf, ids: list[int], n: int) -> list[int]:
     x = torch.tensor([ids])
     out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
