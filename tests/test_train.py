@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("train_tiny_mixtral", ROOT / "tools" / "train_tiny_mixtral.py")
 ttm = importlib.util.module_from_spec(spec)
 sys.modules["train_tiny_mixtral"] = ttm
-spec.loader.exec_module(ttm)
+spec.loader.exec_module(ttm)  # puts tools/ on sys.path
+import tiny_mixtral as tm  # noqa: E402  (the trainer's model, losses and export)
 
 TEXT = (
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
@@ -29,7 +30,7 @@ TINY = ["--hidden", "32", "--intermediate", "48", "--layers", "2", "--heads", "4
         "--eval-every", "3", "--threads", "1"]
 
 
-def run(tmp_path: Path, name: str, *extra: str) -> "ttm.TinyMixtral":
+def run(tmp_path: Path, name: str, *extra: str) -> "tm.TinyMixtral":
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
     args = ttm.parse_args(["--train", str(text), "--valid", str(text), "--run-dir", str(tmp_path / name),
@@ -65,7 +66,7 @@ def test_chunked_cross_entropy_matches_autograd():
     h = torch.randn(37, 8, requires_grad=True)
     w = torch.randn(50, 8, requires_grad=True)
     t = torch.randint(0, 50, (37,))
-    ttm.ChunkedCrossEntropy.apply(h, w, t, 10).mul(2.0).backward()
+    tm.ChunkedCrossEntropy.apply(h, w, t, 10).mul(2.0).backward()
     gh, gw = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None
     F.cross_entropy(h @ w.t(), t).mul(2.0).backward()
@@ -77,14 +78,14 @@ def test_chunked_cross_entropy_matches_autograd():
 def test_export_loads_in_transformers_with_equal_logits(tmp_path, tied):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = ttm.TinyConfig(hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+    cfg = tm.TinyConfig(hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                          tie_word_embeddings=tied, rope_theta=500.0)
-    model = ttm.TinyMixtral(cfg).eval()
+    model = tm.TinyMixtral(cfg).eval()
     with torch.no_grad():  # non-trivial norms so a wrong norm-weight name would show
         for p in model.parameters():
             if p.dim() == 1:
                 p.uniform_(0.5, 1.5)
-    ttm.export(model, tmp_path, dtype=torch.float32)
+    tm.export(model, tmp_path, dtype=torch.float32)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "mixtral" and config["tie_word_embeddings"] is tied
     assert (tmp_path / "tokenizer.model").stat().st_size > 400_000
@@ -102,8 +103,8 @@ def test_load_balancing_loss_matches_transformers():
 
     torch.manual_seed(0)
     router = [torch.randn(30, 8) * 2 for _ in range(3)]
-    ours = ttm.load_balancing_loss(router, 8, 2)
+    ours = tm.load_balancing_loss(router, 8, 2)
     theirs = load_balancing_loss_func(tuple(router), 8, 2)
     torch.testing.assert_close(ours, theirs)
-    balanced = ttm.load_balancing_loss([torch.zeros(16, 8)], 8, 2)  # ties -> uniform probs: loss = k
+    balanced = tm.load_balancing_loss([torch.zeros(16, 8)], 8, 2)  # ties -> uniform probs: loss = k
     assert balanced.item() == pytest.approx(2.0)
