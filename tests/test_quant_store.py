@@ -136,6 +136,24 @@ def test_resume_with_other_settings_refused(mixtral_ref, tmp_path):
         qe.convert(src, tmp_path / "d", QuantSpec(2, 32), resume=True, progress=False)
 
 
+def test_resume_after_the_source_was_rewritten_refused(mixtral_ref, tmp_path):
+    """Same shapes, same sizes, new weights (a later training snapshot written in place): the
+    interrupted store must not be completed with experts from two different snapshots."""
+    import os
+    import shutil
+
+    _, ref = mixtral_ref
+    src = tmp_path / "src"
+    shutil.copytree(ref, src)
+    with pytest.raises(qe.InjectedFailure):
+        qe.convert(src, tmp_path / "d", QuantSpec(4, 64), fail_after=1, progress=False)
+    weights = next(src.glob("*.safetensors"))
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    with pytest.raises(qe.QuantizeError, match="other settings or another source"):
+        qe.convert(src, tmp_path / "d", QuantSpec(4, 64), resume=True, progress=False)
+
+
 def test_corrupt_expert_fails_checksum_naming_it(stores, tmp_path):
     _, dsts = stores
     dst = shutil.copytree(dsts[2], tmp_path / "corrupt")

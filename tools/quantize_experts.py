@@ -10,7 +10,7 @@ same size, so a shard's header is known up front and is written first, then the 
 Crash safety: files are written under temporary names (*.partial) and renamed when
 complete; a journal (.quantize-journal.jsonl) records each expert once its bytes are
 flushed; manifest.json is written last, atomically, and only it makes DST a store.
-`--resume` checks the journal's settings and source identity, truncates the partial shard
+`--resume` checks the journal's settings and source identity (files' sizes and mtimes), truncates the partial shard
 after the last journaled expert (checking the kept experts' crc32) and continues. Output is
 deterministic: an interrupted then resumed run gives the same bytes as an uninterrupted one.
 
@@ -184,7 +184,10 @@ class Converter:
         self._handles: dict[Path, object] = {}
         self.head = {"settings": {"experts": spec.to_dict(), "attention": attn_spec and attn_spec.to_dict(),
                                   "shard_bytes": shard_bytes, "device": torch.device(device).type},
-                     "source": source_identity(src)}
+                     "source": source_identity(src),
+                     # the journal only: a source rewritten in place (same shapes, new weights) must not
+                     # be resumed into a half-written store of its older weights
+                     "source_mtime_ns": {f.name: f.stat().st_mtime_ns for f in set(shard_map(src).values())}}
 
     def _attn_layouts(self) -> dict[str, object]:
         if self.attn_spec is None:
