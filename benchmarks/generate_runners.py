@@ -53,19 +53,20 @@ class NaiveStreamer:
 
         self.host, self.codec, self.fn = host, codec, expert_fn
         self.transfer = make_transfer(device, num_experts, host.layout.nbytes)
-        self.bufs = [torch.empty(host.layout.nbytes, dtype=torch.uint8, device=device) for _ in range(num_experts)]
-        self.views = [views(b, host.layout) for b in self.bufs]
+        layout = getattr(codec, "slot_layout", host.layout)  # what a slot holds (the engine's rule)
+        self.bufs = [torch.empty(layout.nbytes, dtype=torch.uint8, device=device) for _ in range(num_experts)]
+        self.views = [views(b, layout) for b in self.bufs]
         self.tokens = self.loads = 0
 
     def run(self, layer, x, ids, weights, next_guess=None):
         # x [T, D]; ids, weights [T, A]
         import torch
 
-        from offload.engine import group_by_expert
+        from offload.engine import group_by_expert, load_expert
 
         out = torch.zeros_like(x)
         for slot, (e, (tok, choice)) in enumerate(group_by_expert(ids.tolist()).items()):
-            self.transfer.load(self.host.pieces(layer, e), self.bufs[slot], slot, self.host.pinned)
+            load_expert(self.transfer, self.host, self.codec, layer, e, self.bufs[slot], self.views[slot], slot)
             self.host.release(layer, e)
             self.transfer.wait(slot)
             t = torch.tensor(tok, device=x.device)

@@ -19,6 +19,10 @@ Contract for implementations (plain here; HQQ in offload/quant.py):
   result is valid only until the next `decode` call (the engine consumes it first).
   It must not write into `views` (slots are shared cache state, never written back).
 - `decode` may return the views themselves when they already are the matrices.
+- Optional, CPU only: `slot_layout` (what a slot holds, when it differs from `layout`) and
+  `fill(pieces, slot_views)`, which writes one stored expert into a slot converting as it
+  copies. The engine then sizes its slots by `slot_layout` and loads through `fill`; the
+  bytes counted as moved are still `layout.nbytes`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Protocol
 import torch
 
 from offload.packing import Layout, torch_dtype
+from offload.store import Piece
 
 
 class ExpertCodec(Protocol):
@@ -40,9 +45,11 @@ class ExpertCodec(Protocol):
 class PlainCodec:
     """Unquantized experts: the packed buffer holds the matrices in their stored dtype.
 
-    When the stored dtype is the compute dtype, decode returns the slot views (zero
-    copy). Otherwise (e.g. bf16 checkpoint, fp32 compute) it converts into scratch
-    buffers allocated once here.
+    When the stored dtype is the compute dtype, decode returns the slot views (zero copy).
+    Otherwise (e.g. bf16 checkpoint, fp32 compute): on the CPU the slots hold the compute
+    dtype, converted once when an expert is loaded (`fill`), so a cache hit costs nothing;
+    on a GPU the slots keep the stored bytes (what crosses the bus) and decode converts into
+    scratch buffers allocated once here.
     """
 
     def __init__(
@@ -53,10 +60,22 @@ class PlainCodec:
         if missing:
             raise ValueError(f"layout has no tensors {missing}; it holds {sorted(entries)}")
         self.layout, self.names, self.dtype = layout, tuple(names), dtype
+        self.slot_layout = layout
         self._scratch: dict[str, torch.Tensor] = {}
-        for n in names:
-            if torch_dtype(entries[n].dtype) != dtype:
+        convert = [n for n in names if torch_dtype(entries[n].dtype) != dtype]
+        if convert and torch.device(device).type == "cpu":
+            self.slot_layout = Layout.plan([(e.name, dtype if e.name in convert else torch_dtype(e.dtype), e.shape)
+                                            for e in layout.entries])
+        else:
+            for n in convert:
                 self._scratch[n] = torch.empty(entries[n].shape, dtype=dtype, device=device)
+
+    def fill(self, pieces: list[Piece], slot_views: dict[str, torch.Tensor]) -> None:
+        """Write one stored expert (host pieces laid out by `layout`) into a slot of `slot_layout`."""
+        for e in self.layout.entries:
+            p = next(p for p in pieces if p.offset <= e.offset and e.offset + e.nbytes <= p.offset + p.src.numel())
+            raw = p.src[e.offset - p.offset : e.offset - p.offset + e.nbytes]
+            slot_views[e.name].copy_(raw.view(torch_dtype(e.dtype)).view(e.shape))
 
     def decode(self, views: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         out = []

@@ -42,6 +42,17 @@ def group_by_expert(ids_host: list[list[int]]) -> dict[int, tuple[list[int], lis
     return groups
 
 
+def load_expert(transfer, store: ExpertStore, codec: ExpertCodec, layer: int, expert: int,
+                slot: torch.Tensor, slot_views: dict[str, torch.Tensor], key: int) -> None:
+    """Start filling one slot with (layer, expert): a copy of the stored bytes, or (a codec whose
+    slots hold the compute dtype, on the CPU) the codec's converting fill."""
+    pieces = store.pieces(layer, expert)
+    if getattr(codec, "slot_layout", store.layout) != store.layout:
+        transfer.load_converting(lambda: codec.fill(pieces, slot_views), store.layout.nbytes)
+    else:
+        transfer.load(pieces, slot, key, store.pinned)
+
+
 class OffloadEngine:
     """Experts of every layer served from `slots` device slots per layer; see the module docstring."""
 
@@ -53,10 +64,15 @@ class OffloadEngine:
             raise ValueError("the codec's layout differs from the store's packed layout")
         self.store, self.codec, self.expert_fn, self.prefetch = store, codec, expert_fn, prefetch
         self.layers, self.num_experts = store.num_layers, store.num_experts
-        self.cache = ExpertCache(self.layers, self.num_experts, slots, store.layout.nbytes, device, policy)
+        # what a slot holds: the stored bytes, or (CPU, plain experts) the compute dtype, filled by the codec
+        slot_layout = getattr(codec, "slot_layout", store.layout)
+        self._converting = slot_layout != store.layout
+        if self._converting and torch.device(device).type != "cpu":
+            raise ValueError("a codec converts at load only on the CPU; on a GPU the slots hold the stored bytes")
+        self.cache = ExpertCache(self.layers, self.num_experts, slots, slot_layout.nbytes, device, policy)
         self.transfer = make_transfer(device, self.layers * slots, store.layout.nbytes)
         # views of every slot, built once: decoding a slot allocates nothing
-        self._views = [[views(self.cache.buffer(layer, s), store.layout) for s in range(slots)]
+        self._views = [[views(self.cache.buffer(layer, s), slot_layout) for s in range(slots)]
                        for layer in range(self.layers)]
         self.prefetcher = Prefetcher(self.layers)
         self.counters = OffloadStats()
@@ -65,8 +81,8 @@ class OffloadEngine:
         slot, evicted = self.cache.place(layer, expert, pinned)
         if evicted is not None:
             self.prefetcher.evicted(layer, evicted)
-        self.transfer.load(self.store.pieces(layer, expert), self.cache.buffer(layer, slot),
-                           self.cache.key(layer, slot), self.store.pinned)
+        load_expert(self.transfer, self.store, self.codec, layer, expert, self.cache.buffer(layer, slot),
+                    self._views[layer][slot], self.cache.key(layer, slot))
         self.store.release(layer, expert)
         self.counters.loads[(layer, expert)] += 1
 

@@ -17,6 +17,7 @@ measured wait, read from timing events without blocking until stats are asked fo
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -52,6 +53,13 @@ class CpuTransfer:
     def load(self, pieces: list[Piece], dst: torch.Tensor, key: int, pinned: bool) -> None:
         t0 = time.perf_counter()
         self.bytes_copied += _copy_pieces(pieces, dst)
+        self._stall += time.perf_counter() - t0
+
+    def load_converting(self, fill: Callable[[], None], nbytes: int) -> None:
+        """A load that converts as it copies (the codec's `fill` writes the slot); nbytes are moved."""
+        t0 = time.perf_counter()
+        fill()
+        self.bytes_copied += nbytes
         self._stall += time.perf_counter() - t0
 
     def wait(self, key: int) -> None:

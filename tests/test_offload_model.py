@@ -173,3 +173,30 @@ def test_cli_offloaded_run_prints_the_same_text_and_reports_stats(mixtral_ref, t
     resident_stats = json.loads((tmp_path / "resident.json").read_text())
     assert "hit_rate" not in resident_stats
     assert resident_stats["device_expert_bytes"] == 4 * 3 * 3 * 64 * 96 * 4  # every expert resident
+
+
+def test_cpu_slots_hold_the_compute_dtype():
+    """A bf16 checkpoint computed in fp32 on the CPU: each expert is converted once, when it is
+    loaded into a slot, and a cache hit uses the slot in place. The host store keeps the file's
+    bf16 (that is what the byte counters count); the pool is K x L fp32 experts. Every store
+    gives the resident model's logits bitwise."""
+    from mixtral_lite import default_model_path
+
+    path = default_model_path()  # the shipped model: bf16 on disk
+    cfg = ModelConfig.from_dir(path)
+    want = greedy_logits(load_model(path), PROMPT, 4)
+    fp32_expert = 3 * cfg.hidden_size * cfg.intermediate_size * 4
+    for store in ("ram", "mmap"):
+        model = load_model(path, experts=offloading.make_factory(slots=4, store=store))
+        engine = model.experts.engine
+        assert {e.dtype for e in engine.store.layout.entries} == {"bfloat16"}, store
+        slot_views = engine._views[0][0]
+        mats = engine.codec.decode(slot_views)
+        assert all(m.dtype == torch.float32 for m in mats)
+        assert [m.data_ptr() for m in mats] == [slot_views[n].data_ptr() for n in engine.codec.names]  # in place
+        got = greedy_logits(model, PROMPT, 4)
+        assert got[0] == want[0] and torch.equal(got[1], want[1]), store
+        s = model.experts.stats()
+        assert s["expert_bytes"] == fp32_expert // 2  # bf16 bytes move per load
+        assert s["bytes_host_to_device"] == (s["expert_misses"] + s["prefetch_issued"]) * s["expert_bytes"]
+        assert s["device_expert_bytes"] == 4 * cfg.num_layers * fp32_expert
