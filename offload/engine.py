@@ -2,7 +2,9 @@
 
 Ties the parts together: a store (host bytes), an ExpertCache (device slots + policy),
 a Transfer (copies), a codec (bytes -> matrices), an expert function (the math; the
-model supplies it, e.g. SwiGLU), and a Prefetcher (guesses for the next layer).
+model supplies it, e.g. SwiGLU), and a Prefetcher (guesses for the next layer). A slot
+holds the stored bytes, or, when the codec says so (plain experts on the CPU), the
+matrices already in the compute dtype: `load_expert` then converts while it copies.
 
 One step of layer l, given ids already on the host (the caller's single sync):
   1. group tokens by expert; every needed expert is pinned until it has been computed;
