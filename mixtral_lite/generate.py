@@ -7,6 +7,7 @@ first token, decode tokens/s, memory, expert-cache counters); --stats-json write
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -153,10 +154,15 @@ def main(argv: list[str] | None = None) -> None:
     load_s = time.perf_counter() - t0
     ids = tok.encode_chat([{"role": "user", "content": text}]) if args.chat else tok.encode(text)
     tracer = trace_model(model, args.trace_routing) if args.trace_routing else None
-    stats = run(model, tok, ids, args, device)
+    try:
+        stats = run(model, tok, ids, args, device)
+    except BrokenPipeError:  # stdout's reader has gone (`| head`): stop quietly, as command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error flushing at exit
+        raise SystemExit(1) from None
+    finally:
+        if tracer is not None:
+            tracer.close()
     stats = {"load_s": load_s, **stats}
-    if tracer is not None:
-        tracer.close()
     if model.experts is not None:
         stats |= model.experts.stats()
     print(format_stats(stats), file=sys.stderr)

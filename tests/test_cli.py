@@ -95,3 +95,16 @@ def test_module_entry_point(mistral_ref):
     expected = generate(load_model(path), [tok.encode("Hello")], 4, window=4096)[0]
     assert proc.stdout == tok.decode(expected) + "\n"
     assert "decode: 4 tokens" in proc.stderr
+
+
+def test_closed_stdout_stops_quietly(mixtral_ref):
+    """`mixtral-lite ... | head -c 1`: the reader leaves early; no traceback, a non-zero exit.
+    (20000 tokens are more than a pipe buffer holds, so the writer must meet the closed pipe.)"""
+    _, path = mixtral_ref
+    proc = subprocess.Popen([sys.executable, "-m", "mixtral_lite.generate", "-m", str(path), "-p", "Hello",
+                             "-n", "20000", "--ignore-eos"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(1)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
