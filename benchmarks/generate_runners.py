@@ -48,12 +48,14 @@ class NaiveStreamer:
     def __init__(self, host, codec, expert_fn, device, num_experts: int):
         import torch
 
+        from offload.engine import slot_layout
         from offload.packing import views
         from offload.transfer import make_transfer
 
         self.host, self.codec, self.fn = host, codec, expert_fn
         self.transfer = make_transfer(device, num_experts, host.layout.nbytes)
-        layout = getattr(codec, "slot_layout", host.layout)  # what a slot holds (the engine's rule)
+        layout = slot_layout(codec, host)  # what a slot holds (the engine's rule)
+        self.converting = layout != host.layout
         self.bufs = [torch.empty(layout.nbytes, dtype=torch.uint8, device=device) for _ in range(num_experts)]
         self.views = [views(b, layout) for b in self.bufs]
         self.tokens = self.loads = 0
@@ -66,7 +68,8 @@ class NaiveStreamer:
 
         out = torch.zeros_like(x)
         for slot, (e, (tok, choice)) in enumerate(group_by_expert(ids.tolist()).items()):
-            load_expert(self.transfer, self.host, self.codec, layer, e, self.bufs[slot], self.views[slot], slot)
+            load_expert(self.transfer, self.host, self.codec, self.converting, layer, e, self.bufs[slot],
+                        self.views[slot], slot)
             self.host.release(layer, e)
             self.transfer.wait(slot)
             t = torch.tensor(tok, device=x.device)

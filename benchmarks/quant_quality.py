@@ -100,9 +100,8 @@ def fake_quant_attention(model, spec: QuantSpec) -> None:
     """Replace attention weights by their quantize -> dequantize: what the store's load-time path gives."""
     for block in model.layers:
         attn = block.attn
-        q, kv = attn.h * attn.dh, attn.hkv * attn.dh
         qkv = attn.qkv_proj.weight.data  # q, k and v are separate matrices in the store: quantize each
-        for w in (qkv[:q], qkv[q : q + kv], qkv[q + kv :], attn.o_proj.weight.data):
+        for w in (*(qkv[rows] for rows in attn.qkv_rows().values()), attn.o_proj.weight.data):
             layout = expert_layout({"w": tuple(w.shape)}, spec)
             buf = torch.zeros(layout.nbytes, dtype=torch.uint8)
             pack_into(buf, layout, quantize_expert({"w": w.cpu()}, spec, "cpu"))

@@ -81,6 +81,11 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(d, (self.h + 2 * self.hkv) * dh, bias=False)  # rows: q, then k, then v
         self.o_proj = nn.Linear(self.h * dh, d, bias=False)
 
+    def qkv_rows(self) -> dict[str, slice]:
+        """Rows of qkv_proj.weight that hold q_proj, k_proj and v_proj."""
+        q, kv = self.h * self.dh, self.hkv * self.dh
+        return {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}
+
     def forward(self, x, layer: int, cache: RollingKVCache, rope, mask):
         B, T, _ = x.shape
         h, hkv = self.h, self.hkv
@@ -212,9 +217,7 @@ def _load_qkv_rows(model: Transformer, name: str, weight: torch.Tensor) -> None:
         fused = nn.Parameter(torch.empty(fused.shape, device=weight.device, dtype=weight.dtype),
                              requires_grad=False)
         attn.qkv_proj.weight = fused
-    q, kv = attn.h * attn.dh, attn.hkv * attn.dh
-    start = {"q": 0, "k": q, "v": q + kv}[name.rsplit(".", 2)[1][0]]
-    fused[start : start + weight.shape[0]].copy_(weight)
+    fused[attn.qkv_rows()[name.rsplit(".", 2)[1][0]]].copy_(weight)
 
 
 def resident_experts(cfg: ModelConfig, ckpt, device, dtype):

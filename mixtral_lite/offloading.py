@@ -19,7 +19,7 @@ import sys
 import torch
 
 from offload.codec import PlainCodec
-from offload.engine import OffloadEngine
+from offload.engine import OffloadEngine, slot_layout
 from offload.policy import POLICIES, make_policy
 from offload.store import RamStore, SafetensorsSource
 
@@ -155,8 +155,7 @@ def make_factory(*, slots: int | None, store: str = "ram", prefetch: bool = True
     def factory(cfg: ModelConfig, ckpt, device, dtype) -> OffloadedExperts:
         device = torch.device(device)
         host, codec = open_experts(cfg, ckpt, store, device, dtype)
-        slot_bytes = getattr(codec, "slot_layout", host.layout).nbytes  # a slot may hold the compute dtype
-        k = slots_for_budget(budget_args, cfg, dtype, slot_bytes) if budget_args else slots
+        k = slots_for_budget(budget_args, cfg, dtype, slot_layout(codec, host).nbytes) if budget_args else slots
         engine = OffloadEngine(host, codec, swiglu_expert, k or cfg.num_experts, device,
                                policy=policy, prefetch=prefetch)
         return OffloadedExperts(engine, prefetch)

@@ -26,7 +26,7 @@ import torch
 
 from offload.cache import ExpertCache
 from offload.codec import ExpertCodec
-from offload.packing import views
+from offload.packing import Layout, views
 from offload.prefetch import Prefetcher
 from offload.stats import OffloadStats
 from offload.store import ExpertStore
@@ -44,12 +44,18 @@ def group_by_expert(ids_host: list[list[int]]) -> dict[int, tuple[list[int], lis
     return groups
 
 
-def load_expert(transfer, store: ExpertStore, codec: ExpertCodec, layer: int, expert: int,
+def slot_layout(codec: ExpertCodec, store: ExpertStore) -> Layout:
+    """What a device slot holds: the stored bytes, or (plain experts on the CPU) the codec's
+    compute-dtype layout, which `load_expert` fills by converting."""
+    return getattr(codec, "slot_layout", store.layout)
+
+
+def load_expert(transfer, store: ExpertStore, codec: ExpertCodec, converting: bool, layer: int, expert: int,
                 slot: torch.Tensor, slot_views: dict[str, torch.Tensor], key: int) -> None:
-    """Start filling one slot with (layer, expert): a copy of the stored bytes, or (a codec whose
-    slots hold the compute dtype, on the CPU) the codec's converting fill."""
+    """Start filling one slot with (layer, expert): a copy of the stored bytes, or, when the
+    slot holds the compute dtype (`converting`), the codec's converting fill."""
     pieces = store.pieces(layer, expert)
-    if getattr(codec, "slot_layout", store.layout) != store.layout:
+    if converting:
         transfer.load_converting(lambda: codec.fill(pieces, slot_views), store.layout.nbytes)
     else:
         transfer.load(pieces, slot, key, store.pinned)
@@ -66,15 +72,14 @@ class OffloadEngine:
             raise ValueError("the codec's layout differs from the store's packed layout")
         self.store, self.codec, self.expert_fn, self.prefetch = store, codec, expert_fn, prefetch
         self.layers, self.num_experts = store.num_layers, store.num_experts
-        # what a slot holds: the stored bytes, or (CPU, plain experts) the compute dtype, filled by the codec
-        slot_layout = getattr(codec, "slot_layout", store.layout)
-        self._converting = slot_layout != store.layout
+        held = slot_layout(codec, store)
+        self._converting = held != store.layout
         if self._converting and torch.device(device).type != "cpu":
             raise ValueError("a codec converts at load only on the CPU; on a GPU the slots hold the stored bytes")
-        self.cache = ExpertCache(self.layers, self.num_experts, slots, slot_layout.nbytes, device, policy)
+        self.cache = ExpertCache(self.layers, self.num_experts, slots, held.nbytes, device, policy)
         self.transfer = make_transfer(device, self.layers * slots, store.layout.nbytes)
         # views of every slot, built once: decoding a slot allocates nothing
-        self._views = [[views(self.cache.buffer(layer, s), slot_layout) for s in range(slots)]
+        self._views = [[views(self.cache.buffer(layer, s), held) for s in range(slots)]
                        for layer in range(self.layers)]
         self.prefetcher = Prefetcher(self.layers)
         self.counters = OffloadStats()
@@ -83,8 +88,8 @@ class OffloadEngine:
         slot, evicted = self.cache.place(layer, expert, pinned)
         if evicted is not None:
             self.prefetcher.evicted(layer, evicted)
-        load_expert(self.transfer, self.store, self.codec, layer, expert, self.cache.buffer(layer, slot),
-                    self._views[layer][slot], self.cache.key(layer, slot))
+        load_expert(self.transfer, self.store, self.codec, self._converting, layer, expert,
+                    self.cache.buffer(layer, slot), self._views[layer][slot], self.cache.key(layer, slot))
         self.store.release(layer, expert)
         self.counters.loads[(layer, expert)] += 1
 
