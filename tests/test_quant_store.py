@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import sys
 import zlib
 from pathlib import Path
 
@@ -88,7 +89,21 @@ def test_attention_quantized_dequantized_at_load(mixtral_ref, tmp_path):
     w = st.get(name, torch.float32, "cpu")
     w_ref = Checkpoint(src).get(name, torch.float32, "cpu")
     assert tuple(w.shape) == (64, 64) and 0 < ((w - w_ref).norm() / w_ref.norm()).item() < 0.1
-    assert _logits(load_model(dst)).isfinite().all()
+    model = load_model(dst)
+    assert _logits(model).isfinite().all()
+    attn = model.layers[1].attn  # q, k and v land in their rows of the fused projection
+    for part, rows in attn.qkv_rows().items():
+        want = st.get(f"model.layers.1.self_attn.{part}_proj.weight", torch.float32, "cpu")
+        assert torch.equal(attn.qkv_proj.weight[rows], want), part
+    # benchmarks/quant_quality.py fakes this path in memory: it must give the same weights
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from quant_quality import fake_quant_attention
+
+    faked = load_model(src)
+    fake_quant_attention(faked, QuantSpec(4, 64, 0, 16))
+    for ours, theirs in zip(model.layers, faked.layers, strict=True):
+        assert torch.equal(ours.attn.qkv_proj.weight, theirs.attn.qkv_proj.weight)
+        assert torch.equal(ours.attn.o_proj.weight, theirs.attn.o_proj.weight)
 
 
 def _files(d: Path) -> dict[str, bytes]:
