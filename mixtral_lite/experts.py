@@ -14,11 +14,26 @@ import torch
 import torch.nn.functional as F
 
 from offload.engine import group_by_expert
+from offload.kernels import ACT, Int4Mat
 
 
 def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """One Mixtral expert: (SiLU(x w1^T) * (x w3^T)) w2^T."""
     return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+def swiglu_fused(x: torch.Tensor, w13: Int4Mat, w2: Int4Mat) -> torch.Tensor:
+    """The same expert on the fused int4 kernel, w1 and w3 stacked into one [2I, D] matrix.
+
+    The kernel takes bf16 activations: x is cast once on the way in and the result once on the way out.
+    """
+    gate, up = w13(x.to(ACT)).chunk(2, dim=-1)
+    return w2(F.silu(gate) * up).to(x.dtype)
+
+
+def expert_function(codec):
+    """The expert math that fits what `codec.decode` returns."""
+    return swiglu_fused if tuple(codec.names) == ("w13", "w2") else swiglu_expert
 
 
 class ExpertProvider(Protocol):

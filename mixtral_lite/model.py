@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import offloading, qstore
+from . import offloading, qstore, qweights
 from .checkpoint import Checkpoint, expert_name
 from .config import ModelConfig
 from .experts import ExpertProvider, ResidentExperts
@@ -89,12 +89,12 @@ class Attention(nn.Module):
     def forward(self, x, layer: int, cache: RollingKVCache, rope, mask):
         B, T, _ = x.shape
         h, hkv = self.h, self.hkv
-        qkv = F.linear(x, self.qkv_proj.weight).view(B, T, h + 2 * hkv, self.dh)
+        qkv = self.qkv_proj.forward(x).view(B, T, h + 2 * hkv, self.dh)  # nn.Linear, or a fused quantized one
         qk = rotate(qkv[:, :, : h + hkv], *rope)  # q and k rotated together: [B, T, H + Hkv, Dh]
         keys, values = cache.attend(layer, qk[:, :, h:], qkv[:, :, h + hkv :])  # [B, Hkv, S, Dh]
         out = F.scaled_dot_product_attention(qk[:, :, :h].transpose(1, 2), keys, values, attn_mask=mask,
                                              enable_gqa=h != hkv)  # [B, H, T, Dh]
-        return F.linear(out.transpose(1, 2).reshape(B, T, h * self.dh), self.o_proj.weight)
+        return self.o_proj.forward(out.transpose(1, 2).reshape(B, T, h * self.dh))
 
 
 class MLP(nn.Module):
@@ -236,19 +236,23 @@ def resident_experts(cfg: ModelConfig, ckpt, device, dtype):
     return ResidentExperts(w13, w2)
 
 
-def load_model(path, *, device="cpu", dtype: torch.dtype = torch.float32, experts=None) -> Transformer:
+def load_model(path, *, device="cpu", dtype: torch.dtype = torch.float32, experts=None,
+               fused: bool = True) -> Transformer:
     """Build the model from a checkpoint folder (HF layout or a quantized store).
 
     experts: optional factory (config, checkpoint, device, dtype) -> ExpertProvider that
     replaces loading every expert onto the device (the offload engine passes one).
+    fused: quantized stores run on torch's fused kernels where they exist; False forces the
+    dequantize-then-multiply path (the reference the fused one is measured against).
     """
-    ckpt = _open_store(path)
+    ckpt = _open_store(path, fused)
     cfg = ckpt.config
     with torch.device("meta"):
         model = Transformer(cfg)
     params = dict(model.named_parameters())
+    quantized = getattr(ckpt, "quantized", {})
     for name in ckpt.names():
-        if ".experts." in name:
+        if ".experts." in name or name in quantized:
             continue
         ours = _module_name(name)
         if ours.endswith(QKV):
@@ -259,20 +263,23 @@ def load_model(path, *, device="cpu", dtype: torch.dtype = torch.float32, expert
         module, _, attr = ours.rpartition(".")
         setattr(model.get_submodule(module), attr,
                 nn.Parameter(ckpt.get(name, dtype, device), requires_grad=False))
-    if cfg.tie_word_embeddings:
+    model.kernel_notes = qweights.install(model, ckpt, device, dtype) if quantized else {}
+    if cfg.tie_word_embeddings and isinstance(model.lm_head, nn.Linear) and model.lm_head.weight.is_meta:
         model.lm_head.weight = model.embed.weight
     if cfg.is_moe:
         if experts is None and not isinstance(ckpt, Checkpoint):
             experts = _default_store_experts()
         model.experts = (experts or resident_experts)(cfg, ckpt, device, dtype)
+        if getattr(ckpt, "codec_note", None):
+            model.kernel_notes["experts"] = ckpt.codec_note
     check_loaded(model)
     return model.eval()
 
 
-def _open_store(path):
+def _open_store(path, fused: bool = True):
     """A Checkpoint for HF folders, the quantized store's reader for quantize_experts output."""
     if qstore.is_quantized_store(Path(path)):
-        return qstore.open_store(Path(path))
+        return qstore.open_store(Path(path), fused)
     return Checkpoint(path)
 
 

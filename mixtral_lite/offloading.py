@@ -25,7 +25,7 @@ from offload.store import RamStore, SafetensorsSource
 
 from .checkpoint import expected_shapes, expert_name
 from .config import ModelConfig
-from .experts import swiglu_expert
+from .experts import expert_function
 from .kv_cache import kv_cache_bytes
 
 ROLES = ("w1", "w2", "w3")  # the order swiglu_expert takes them
@@ -156,7 +156,7 @@ def make_factory(*, slots: int | None, store: str = "ram", prefetch: bool = True
         device = torch.device(device)
         host, codec = open_experts(cfg, ckpt, store, device, dtype)
         k = slots_for_budget(budget_args, cfg, dtype, slot_layout(codec, host).nbytes) if budget_args else slots
-        engine = OffloadEngine(host, codec, swiglu_expert, k or cfg.num_experts, device,
+        engine = OffloadEngine(host, codec, expert_function(codec), k or cfg.num_experts, device,
                                policy=policy, prefetch=prefetch)
         return OffloadedExperts(engine, prefetch)
     return factory

@@ -3,30 +3,39 @@
 A store is a folder:
 
     config.json, tokenizer.model          copied from the source checkpoint
-    dense.safetensors                     embeddings, norms, routers, lm_head in the source dtype
-                                          (unchanged bytes); attention projections too, or, with
-                                          --attn-bits < 16, one packed uint8 tensor each (HF name)
+    dense.safetensors                     every non-expert tensor under its HF name: in the source
+                                          dtype (unchanged bytes), or quantized as one packed uint8
+                                          tensor (offload/qdense.py: int4 attention / dense MLP,
+                                          int8 lm_head and embeddings)
     experts-0000i-of-0000n.safetensors    one packed uint8 tensor per expert, "layers.{l}.experts.{e}"
+                                          (Mixtral only; a dense Mistral store has none)
     manifest.json                         written last: format + version, quantization settings,
-                                          packed layouts, source identity, crc32 per expert
+                                          packed layouts, source identity, a crc32 per expert and
+                                          per dense tensor
 
-`open_store(path)` gives a `QStore`: the dense tensors through the same interface as
-`Checkpoint` (quantized attention is dequantized when read, i.e. at load: the model then
-holds it in the compute dtype), plus what the offload engine needs for the experts:
-`expert_store("ram" | "mmap")` (each expert's crc32 is verified the first time its bytes
-are read) and `codec(device, dtype)` (dequantization on the device, right before the matmul).
+`open_store(path)` gives a `QStore`: the plain dense tensors through the same interface as
+`Checkpoint`, the quantized ones through `quantized` / `packed(name)` (mixtral_lite/qweights.py
+turns them into fused-kernel projections at load), plus what the offload engine needs for the
+experts: `expert_store("ram" | "mmap")` (each expert's crc32 is verified the first time its
+bytes are read) and `codec(device, dtype)`: torch's fused int4 kernel reading a slot converted
+once at load, or, where that kernel does not exist, dequantization right before the matmul.
+
+Version 2 groups every int4 matrix along its input dimension (what the fused kernels read);
+version 1 stores (dequantized at every use) are refused with the command that re-makes them.
 """
 
 from __future__ import annotations
 
 import json
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from offload.packing import views
+from offload.fused import FusedCodec, fused_unsupported
+from offload.qdense import dense_layout, dequantized
 from offload.quant import HQQCodec, QuantSpec, expert_layout, layout_from_dict
 from offload.store import Piece, RamStore, SafetensorsSource, StoreError
 
@@ -34,10 +43,25 @@ from .checkpoint import CheckpointError, expected_shapes
 from .config import ModelConfig
 
 FORMAT = "mixtral-lite-qstore"
-VERSION = 1
+VERSION = 2
 MANIFEST = "manifest.json"
 DENSE = "dense.safetensors"
 EXPERT_ROLES = ("w1", "w2", "w3")  # the order swiglu_expert takes them
+
+
+@dataclass(frozen=True)
+class DenseSettings:
+    """How the non-expert matrices are stored: bits per role (16 = source dtype, unchanged)."""
+
+    attn: QuantSpec | None = None  # int4 (axis 1) or None
+    attn_int8: bool = False
+    head_bits: int = 16
+    embed_bits: int = 16
+
+    def to_dict(self) -> dict:
+        return {"attention": "int8" if self.attn_int8 else (self.attn.to_dict() if self.attn else 16),
+                "lm_head": self.head_bits, "embeddings": self.embed_bits}
+ST_TAG = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8"}
 
 
 def expert_tensor(layer: int, expert: int) -> str:
@@ -65,7 +89,8 @@ def read_manifest(path: str | Path) -> dict:
         raise CheckpointError(f"{file}: not a mixtral-lite quantized store manifest (format {man.get('format')!r})")
     if man.get("version") != VERSION:
         raise CheckpointError(f"{file}: store format version {man.get('version')!r}, this mixtral-lite reads "
-                              f"version {VERSION}; re-run tools/quantize_experts.py on the source checkpoint")
+                              f"version {VERSION} (fused int4 kernels); re-make it with "
+                              "`python tools/quantize_experts.py SRC DST --bits 4` from the source checkpoint")
     return man
 
 
@@ -99,21 +124,24 @@ class ChecksummedSource:
 class QStore:
     """A quantized store: dense tensors like `Checkpoint`, experts for the offload engine."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, fused: bool = True):
+        self.path, self.fused = Path(path), fused  # fused=False: the dequantize-then-multiply reference path
         self.manifest = read_manifest(self.path)
         self.config = ModelConfig.from_dir(self.path)
-        if not self.config.is_moe:
-            raise CheckpointError(f"{self.path / 'config.json'}: a quantized store needs a Mixtral config")
-        ex = self.manifest["experts"]
-        self.spec = QuantSpec.from_dict(ex["spec"])
-        self.matrices = {k: tuple(v) for k, v in ex["matrices"].items()}
-        self.layout = layout_from_dict(ex["layout"])
-        self._check_experts(ex)
-        att = self.manifest.get("attention")
-        self.attn_spec = QuantSpec.from_dict(att["spec"]) if att else None
-        self._attn_layouts = {k: layout_from_dict(v) for k, v in att["layouts"].items()} if att else {}
-        self._quantized = set(self.manifest["dense"]["quantized"])
+        ex = self.manifest.get("experts")
+        if self.config.is_moe != (ex is not None):
+            raise CheckpointError(f"{self.path / MANIFEST}: {'no ' if ex is None else ''}experts listed, but "
+                                  f"config.json describes a {'Mixtral' if self.config.is_moe else 'dense Mistral'}")
+        if ex is not None:
+            self.spec = QuantSpec.from_dict(ex["spec"])
+            self.matrices = {k: tuple(v) for k, v in ex["matrices"].items()}
+            self.layout = layout_from_dict(ex["layout"])
+            self._check_experts(ex)
+        dense = self.manifest["dense"]
+        self.quantized: dict[str, str] = {n: t["kind"] for n, t in dense["tensors"].items()}
+        self._dense_specs = {n: QuantSpec.from_dict(t["spec"]) for n, t in dense["tensors"].items() if "spec" in t}
+        self._dense_crc = dense["crc32"]
+        self._verified: set[str] = set()
         for f in [self.path / DENSE, *self.expert_files()]:
             if not f.is_file():
                 raise CheckpointError(f"{f}: listed by {MANIFEST} but missing; the store is incomplete")
@@ -141,7 +169,14 @@ class QStore:
         for name, shape in self._expected.items():
             if name not in keys:
                 raise CheckpointError(f"{self.path / DENSE}: tensor {name!r} is missing")
-            if name in self._quantized:
+            if name not in self._dense_crc:
+                raise CheckpointError(f"{self.path / MANIFEST}: no checksum for dense tensor {name!r}")
+            if name in self.quantized:
+                want = dense_layout(self.quantized[name], shape, self._dense_specs.get(name)).nbytes
+                got = tuple(self._dense.get_slice(name).get_shape())
+                if got != (want,):
+                    raise CheckpointError(f"{self.path / DENSE}: packed tensor {name!r} has shape {got}, its "
+                                          f"settings imply ({want},)")
                 continue
             got = tuple(self._dense.get_slice(name).get_shape())
             if got != shape:
@@ -154,17 +189,30 @@ class QStore:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._expected[name]
 
-    def get(self, name: str, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-        """One dense tensor in dtype on device; quantized attention is dequantized here (at load)."""
+    def _read(self, name: str) -> torch.Tensor:
+        """A dense tensor's stored bytes as a tensor, its crc32 verified on first read."""
         if name not in self._expected:
             raise CheckpointError(f"{self.path}: tensor {name!r} is not a dense tensor of this store")
         t = self._dense.get_tensor(name)
-        if name not in self._quantized:
+        if name not in self._verified:
+            crc = zlib.crc32(t.contiguous().view(-1).view(torch.uint8).numpy())
+            if crc != self._dense_crc[name]:
+                raise CheckpointError(f"{self.path / DENSE}: tensor {name!r} fails its checksum (crc32 {crc:08x}, "
+                                      f"manifest says {self._dense_crc[name]:08x}): the store is corrupt; "
+                                      "re-run tools/quantize_experts.py")
+            self._verified.add(name)
+        return t
+
+    def get(self, name: str, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        """One dense tensor in dtype on device; a quantized one is dequantized (use `packed` to keep it packed)."""
+        t = self._read(name)
+        if name not in self.quantized:
             return t.to(device=device, dtype=dtype)
-        shape = self._expected[name]
-        layout = self._attn_layouts[_shape_key(shape)]
-        codec = HQQCodec({"w": shape}, self.attn_spec, device, dtype)  # allocates the result: load time only
-        return codec.decode(views(t.to(device), layout))[0]
+        return dequantized(self.quantized[name], t, self._expected[name], self._dense_specs.get(name), device, dtype)
+
+    def packed(self, name: str) -> tuple[torch.Tensor, QuantSpec | None]:
+        """A quantized dense tensor's packed bytes (CPU) and its int4 settings (None for int8)."""
+        return self._read(name), self._dense_specs.get(name)
 
     @property
     def expert_bytes(self) -> int:
@@ -172,7 +220,8 @@ class QStore:
         return self.layout.nbytes
 
     def expert_files(self) -> list[Path]:
-        return [self.path / f for f in self.manifest["experts"]["shards"]]
+        ex = self.manifest.get("experts")
+        return [self.path / f for f in ex["shards"]] if ex else []
 
     def expert_store(self, kind: str = "mmap", pin: bool = False):
         """The experts' host home for the offload engine: "mmap" (read in place) or "ram" (loaded now)."""
@@ -187,17 +236,20 @@ class QStore:
         checked = ChecksummedSource(src, ex["crc32"], files)
         return checked if kind == "mmap" else RamStore(checked, pin=pin)
 
-    def codec(self, device: torch.device | str, dtype: torch.dtype) -> HQQCodec:
-        """Dequantizes one packed expert into (w1, w2, w3) on device in dtype; scratch allocated once."""
+    def codec(self, device: torch.device | str, dtype: torch.dtype) -> FusedCodec | HQQCodec:
+        """The experts' codec: torch's fused int4 kernel (slots converted once at load, w1 and w3 stacked
+        into one matrix; returns (w13, w2)) where it exists, else dequantization into scratch allocated
+        once, right before the matmul (returns (w1, w2, w3)). `codec_note` says which, and why."""
+        why = fused_unsupported(self.matrices, self.spec, device) if self.fused else "asked for"
+        if why is None:
+            self.codec_note = f"fused int4 kernel on {torch.device(device).type}"
+            return FusedCodec(self.matrices, self.spec, device, stack={"w13": ("w1", "w3")})
+        self.codec_note = f"dequantize-then-multiply ({why})"
         return HQQCodec(self.matrices, self.spec, device, dtype)
 
 
-def _shape_key(shape: tuple[int, ...]) -> str:
-    return "x".join(map(str, shape))
-
-
-def open_store(path: str | Path) -> QStore:
-    return QStore(path)
+def open_store(path: str | Path, fused: bool = True) -> QStore:
+    return QStore(path, fused)
 
 
 __all__ = ["FORMAT", "VERSION", "QStore", "open_store", "is_quantized_store", "read_manifest"]

@@ -46,7 +46,8 @@ def group_by_expert(ids_host: list[list[int]]) -> dict[int, tuple[list[int], lis
 
 def slot_layout(codec: ExpertCodec, store: ExpertStore) -> Layout:
     """What a device slot holds: the stored bytes, or (plain experts on the CPU) the codec's
-    compute-dtype layout, which `load_expert` fills by converting."""
+    compute-dtype layout, or (quantized experts on a fused kernel) the kernel's layout, which
+    `load_expert` fills by converting."""
     return getattr(codec, "slot_layout", store.layout)
 
 
@@ -56,7 +57,7 @@ def load_expert(transfer, store: ExpertStore, codec: ExpertCodec, converting: bo
     slot holds the compute dtype (`converting`), the codec's converting fill."""
     pieces = store.pieces(layer, expert)
     if converting:
-        transfer.load_converting(lambda: codec.fill(pieces, slot_views), store.layout.nbytes)
+        transfer.load_converting(pieces, key, store.pinned, codec, slot_views, store.layout)
     else:
         transfer.load(pieces, slot, key, store.pinned)
 
@@ -74,8 +75,8 @@ class OffloadEngine:
         self.layers, self.num_experts = store.num_layers, store.num_experts
         held = slot_layout(codec, store)
         self._converting = held != store.layout
-        if self._converting and torch.device(device).type != "cpu":
-            raise ValueError("a codec converts at load only on the CPU; on a GPU the slots hold the stored bytes")
+        if self._converting and torch.device(device).type != "cpu" and not hasattr(codec, "convert"):
+            raise ValueError("this codec converts at load only on the CPU; on a GPU its slots hold the stored bytes")
         self.cache = ExpertCache(self.layers, self.num_experts, slots, held.nbytes, device, policy)
         self.transfer = make_transfer(device, self.layers * slots, store.layout.nbytes)
         # views of every slot, built once: decoding a slot allocates nothing

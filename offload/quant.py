@@ -139,14 +139,33 @@ def _meta_ref(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor
     return (q.float() - z) * s
 
 
+METHODS = ("hqq", "rtn")
+
+
+def _rtn(w: torch.Tensor, spec: QuantSpec, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest min-max scale/zero per group (hqq's grouped view and shapes): the fast method."""
+    wg = w.float().reshape(rows, cols)
+    dim = 0 if spec.axis == 0 else 1
+    lo, hi = wg.amin(dim=dim, keepdim=True), wg.amax(dim=dim, keepdim=True)
+    scale = (hi - lo) / (2**spec.bits - 1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant group: any scale reproduces it
+    return scale, -lo / scale
+
+
 @torch.inference_mode()
-def quantize_matrix(w: torch.Tensor, spec: QuantSpec, prefix: str, device: str | torch.device) -> dict:
-    """Quantize W [N, K] with hqq's optimiser on `device`; returns the packed parts on the CPU."""
+def quantize_matrix(w: torch.Tensor, spec: QuantSpec, prefix: str, device: str | torch.device,
+                    method: str = "hqq") -> dict:
+    """Quantize W [N, K] on `device` (hqq's optimiser, or plain round-to-nearest); packed parts on the CPU."""
     shape = tuple(w.shape)
     rows, cols = _grid(shape, spec)
-    wq, meta = Quantizer.quantize(
-        w.to(device), nbits=spec.bits, channel_wise=True, group_size=spec.group_size, optimize=True,
-        round_zero=spec.bits == 4, axis=spec.axis, bitpack=False, device=str(device))
+    if method == "rtn":
+        meta = dict(zip(("scale", "zero"), _rtn(w.to(device), spec, rows, cols), strict=True))
+    elif method == "hqq":
+        _, meta = Quantizer.quantize(
+            w.to(device), nbits=spec.bits, channel_wise=True, group_size=spec.group_size, optimize=True,
+            round_zero=spec.bits == 4, axis=spec.axis, bitpack=False, device=str(device))
+    else:
+        raise ValueError(f"unknown quantization method {method!r}: one of {METHODS}")
     scale, zero = meta["scale"].float(), meta["zero"].float()  # hqq returns scale already inverted
     out: dict[str, torch.Tensor] = {}
     if spec.meta_bits == 16:
@@ -163,16 +182,15 @@ def quantize_matrix(w: torch.Tensor, spec: QuantSpec, prefix: str, device: str |
     # Re-round the codes against the scale/zero actually stored (float32 arithmetic).
     wg = w.to(device=device, dtype=torch.float32).reshape(rows, cols)
     codes = torch.round(wg / scale.float() + zero.float()).clamp_(0, 2**spec.bits - 1)
-    out = {f"{prefix}.q": _PACK[spec.bits](codes).cpu(), **out}
-    del wq
-    return out
+    return {f"{prefix}.q": _PACK[spec.bits](codes).cpu(), **out}
 
 
-def quantize_expert(mats: dict[str, torch.Tensor], spec: QuantSpec, device: str | torch.device) -> dict:
+def quantize_expert(mats: dict[str, torch.Tensor], spec: QuantSpec, device: str | torch.device,
+                    method: str = "hqq") -> dict:
     """Packed parts of every matrix of one expert, in layout order."""
     out: dict[str, torch.Tensor] = {}
     for name, w in mats.items():
-        out.update(quantize_matrix(w, spec, name, device))
+        out.update(quantize_matrix(w, spec, name, device, method))
     return out
 
 
@@ -247,25 +265,36 @@ class HQQCodec:
         return self.out[name]
 
     def _unpack(self, q: torch.Tensor, out_g: torch.Tensor) -> None:
-        """hqq's bit unpacking: block i of rows holds the codes at bit shift _SHIFTS[i]."""
-        bits, step, rows = self.spec.bits, q.shape[0], out_g.shape[0]
-        if bits == 8:
-            out_g.copy_(q)
-            return
-        mask = (1 << bits) - 1
-        for i, shift in enumerate(_SHIFTS[bits]):
-            n = min(step, rows - i * step)  # 3 bits: hqq pads rows to a multiple of 10
-            if n <= 0:
-                break
-            tmp = self._iscratch[: n * q.shape[1]].view(n, q.shape[1])
-            torch.bitwise_right_shift(q[:n], shift, out=tmp)
-            tmp.bitwise_and_(mask)
-            out_g[i * step : i * step + n].copy_(tmp)
+        unpack_codes(q, self.spec.bits, out_g, self._iscratch)
 
     def _meta_values(self, views: dict[str, torch.Tensor], key: str, dst: torch.Tensor) -> torch.Tensor:
-        if self.spec.meta_bits == 16:
-            return dst.copy_(views[key])
-        q, s, z = views[f"{key}.q"], views[f"{key}.s"], views[f"{key}.z"]
-        m32 = self._meta32[: q.numel()].view(q.shape)
-        m32.copy_(q).sub_(z).mul_(s)  # float32, as hqq's 8-bit dequantize with compute_dtype float32
-        return dst.copy_(m32.view(dst.shape))
+        return meta_values(views, key, self.spec, dst, self._meta32)
+
+
+def unpack_codes(q: torch.Tensor, bits: int, out_g: torch.Tensor, scratch: torch.Tensor) -> None:
+    """hqq's bit unpacking of q into out_g (hqq's grouped view): block i of rows holds the codes at
+    bit shift _SHIFTS[i]. scratch: q's dtype, at least q.numel() elements."""
+    step, rows = q.shape[0], out_g.shape[0]
+    if bits == 8:
+        out_g.copy_(q)
+        return
+    mask = (1 << bits) - 1
+    for i, shift in enumerate(_SHIFTS[bits]):
+        n = min(step, rows - i * step)  # 3 bits: hqq pads rows to a multiple of 10
+        if n <= 0:
+            break
+        tmp = scratch[: n * q.shape[1]].view(n, q.shape[1])
+        torch.bitwise_right_shift(q[:n], shift, out=tmp)
+        tmp.bitwise_and_(mask)
+        out_g[i * step : i * step + n].copy_(tmp)
+
+
+def meta_values(views: dict[str, torch.Tensor], key: str, spec: QuantSpec, dst: torch.Tensor,
+                scratch32: torch.Tensor) -> torch.Tensor:
+    """Scale or zero (`key` = "<matrix>.scale" / ".zero") written into dst, as hqq computes them."""
+    if spec.meta_bits == 16:
+        return dst.copy_(views[key])
+    q, s, z = views[f"{key}.q"], views[f"{key}.s"], views[f"{key}.z"]
+    m32 = dst if dst.dtype == torch.float32 else scratch32[: q.numel()].view(q.shape)
+    m32.view(q.shape).copy_(q).sub_(z).mul_(s)  # float32, as hqq's 8-bit dequantize with compute_dtype float32
+    return dst if m32 is dst else dst.copy_(m32.view(dst.shape))

@@ -17,11 +17,11 @@ measured wait, read from timing events without blocking until stats are asked fo
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
+from offload.packing import Layout, views
 from offload.store import Piece
 
 
@@ -55,11 +55,12 @@ class CpuTransfer:
         self.bytes_copied += _copy_pieces(pieces, dst)
         self._stall += time.perf_counter() - t0
 
-    def load_converting(self, fill: Callable[[], None], nbytes: int) -> None:
-        """A load that converts as it copies (the codec's `fill` writes the slot); nbytes are moved."""
+    def load_converting(self, pieces: list[Piece], key: int, pinned: bool, codec, slot_views: dict,
+                        layout: Layout) -> None:
+        """A load that converts as it copies (the codec's `fill` writes the slot); layout.nbytes are moved."""
         t0 = time.perf_counter()
-        fill()
-        self.bytes_copied += nbytes
+        codec.fill(pieces, slot_views)
+        self.bytes_copied += layout.nbytes
         self._stall += time.perf_counter() - t0
 
     def wait(self, key: int) -> None:
@@ -85,6 +86,7 @@ class CudaTransfer:
         self.staging = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(staging)]
         self.staged = [torch.cuda.Event() for _ in range(staging)]
         self._next = 0
+        self._device_staging: torch.Tensor | None = None
         self.bytes_copied = 0
         self._stall = 0.0
         self._timing: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
@@ -93,16 +95,33 @@ class CudaTransfer:
     def load(self, pieces: list[Piece], dst: torch.Tensor, key: int, pinned: bool) -> None:
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(self.free[key])  # the slot's previous expert is no longer read
-            if pinned:
-                self.bytes_copied += _copy_pieces(pieces, dst, non_blocking=True)
-            else:
-                i = self._next
-                self._next = (i + 1) % len(self.staging)
-                self.staged[i].synchronize()  # host waits only if this staging buffer is still in flight
-                buf = self.staging[i][: dst.numel()]
-                self.bytes_copied += _copy_pieces(pieces, buf)  # CPU memcpy out of the mapped file
-                dst.copy_(buf, non_blocking=True)
-                self.staged[i].record(self.stream)
+            self._to_device(pieces, dst, pinned)
+            self.ready[key].record(self.stream)
+
+    def _to_device(self, pieces: list[Piece], dst: torch.Tensor, pinned: bool) -> None:
+        """Enqueue host pieces -> dst on the copy stream (the caller has entered it)."""
+        if pinned:
+            self.bytes_copied += _copy_pieces(pieces, dst, non_blocking=True)
+            return
+        i = self._next
+        self._next = (i + 1) % len(self.staging)
+        self.staged[i].synchronize()  # host waits only if this staging buffer is still in flight
+        buf = self.staging[i][: dst.numel()]
+        self.bytes_copied += _copy_pieces(pieces, buf)  # CPU memcpy out of the mapped file
+        dst.copy_(buf, non_blocking=True)
+        self.staged[i].record(self.stream)
+
+    def load_converting(self, pieces: list[Piece], key: int, pinned: bool, codec, slot_views: dict,
+                        layout: Layout) -> None:
+        """Copy the stored bytes into one device staging buffer, then convert them into the slot's
+        kernel layout (`codec.convert`), both on the copy stream: the bus carries the packed bytes."""
+        if self._device_staging is None:  # allocated on the first converting load, reused after
+            self._device_staging = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
+        buf = self._device_staging
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(self.free[key])
+            self._to_device(pieces, buf, pinned)
+            codec.convert(views(buf, layout), slot_views)  # stream order: buf is reused only after this
             self.ready[key].record(self.stream)
 
     def wait(self, key: int) -> None:

@@ -1,9 +1,11 @@
-"""Hugging Face Mixtral checkpoint -> quantized store that `generate -m DST` runs directly.
+"""Hugging Face Mixtral or Mistral checkpoint -> quantized store that `generate -m DST` runs directly.
 
-    python tools/quantize_experts.py SRC DST --bits 3 --group-size 128 [--attn-bits 4] [--resume]
+    python tools/quantize_experts.py SRC DST --bits 4 [--method rtn] [--attn-bits 4] [--head-bits 8] [--resume]
 
-Experts are quantized one at a time with hqq's half-quadratic optimiser (offload/quant.py)
-and streamed into safetensors shards of about --shard-mb MB: peak memory is one expert's
+Experts (and a dense Mistral's MLPs) are quantized one at a time, with hqq's half-quadratic
+optimiser or, with --method rtn, plain round-to-nearest into the same format (offload/quant.py),
+groups along the input dimension (what torch's fused int4 kernels read), and streamed into
+safetensors shards of about --shard-mb MB: peak memory is one expert's
 source tensors plus its packed bytes, never the checkpoint. Every packed expert has the
 same size, so a shard's header is known up front and is written first, then the experts.
 
@@ -14,8 +16,11 @@ flushed; manifest.json is written last, atomically, and only it makes DST a stor
 after the last journaled expert (checking the kept experts' crc32) and continues. Output is
 deterministic: an interrupted then resumed run gives the same bytes as an uninterrupted one.
 
-Dense tensors (embeddings, norms, routers, lm_head, and attention unless --attn-bits < 16)
-are copied in their source dtype, bytes unchanged (bf16 for the real Mixtral).
+Defaults, chosen to sit beside llama.cpp's Q4_0 (4.5 bits/weight for experts, attention and
+embeddings, Q6_K for the output layer): experts 4-bit g64 (4.28 bits/weight with 8-bit scale and
+zero), attention 4-bit g64 (4.5), lm_head and embeddings int8 with one scale per row (8.0).
+Norms and routers are copied in their source dtype, bytes unchanged (bf16 for the real Mixtral);
+so is any tensor whose flag is 16. Every dense tensor gets a crc32 in the manifest.
 """
 
 from __future__ import annotations
@@ -38,14 +43,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ is a folder o
 from store_writing import Journal, Progress, StreamWriter, atomic_write  # noqa: E402
 
 from mixtral_lite.checkpoint import INDEX, SINGLE, Checkpoint, CheckpointError, expert_name, shard_map
-from mixtral_lite.qstore import DENSE, FORMAT, MANIFEST, VERSION, expert_matrices, expert_tensor
+from mixtral_lite.qstore import DENSE, FORMAT, MANIFEST, VERSION, DenseSettings, expert_matrices, expert_tensor
+from offload.kernels import INT4_GROUPS
 from offload.packing import pack_into
-from offload.quant import QuantSpec, bits_per_weight, expert_layout, layout_to_dict, quantize_expert
+from offload.qdense import dense_layout, quantize_dense
+from offload.quant import METHODS, QuantSpec, bits_per_weight, expert_layout, layout_to_dict, quantize_expert
 
 JOURNAL = ".quantize-journal.jsonl"
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 DEFAULT_GROUP = {2: 32, 3: 128, 4: 64, 8: 128}  # <= 3.0, <= 3.5, 4.27, 8.25 bits/weight with 8-bit meta
-ST_TAG = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8"}
+MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 class QuantizeError(ValueError):
@@ -76,44 +83,57 @@ def source_identity(src: Path) -> dict:
 class Converter:
     """One quantization run (fresh or resumed) of SRC into DST."""
 
-    def __init__(self, src: Path, dst: Path, spec: QuantSpec, attn_spec: QuantSpec | None, shard_bytes: int,
-                 device: str, progress: bool = True):
-        self.src, self.dst, self.spec, self.attn_spec, self.device = src, dst, spec, attn_spec, device
+    def __init__(self, src: Path, dst: Path, spec: QuantSpec, dense: DenseSettings, shard_bytes: int,
+                 device: str, progress: bool = True, method: str = "hqq"):
+        self.src, self.dst, self.spec, self.dense, self.device, self.method = src, dst, spec, dense, device, method
         self.ckpt = Checkpoint(src)  # validates every tensor's presence and shape against config.json
         self.cfg = self.ckpt.config
-        if not self.cfg.is_moe:
-            raise QuantizeError(f"{src / 'config.json'}: not a Mixtral (no experts to quantize)")
-        self.matrices = expert_matrices(self.cfg)
+        if self.cfg.tie_word_embeddings and dense.head_bits != dense.embed_bits:
+            raise QuantizeError(f"{src / 'config.json'}: tie_word_embeddings: lm_head is the embedding matrix, so "
+                                f"--head-bits {dense.head_bits} and --embed-bits {dense.embed_bits} must agree")
+        self.matrices = expert_matrices(self.cfg) if self.cfg.is_moe else {}
         try:
-            self.layout = expert_layout(self.matrices, spec)
+            self.layout = expert_layout(self.matrices, spec) if self.cfg.is_moe else None
         except ValueError as e:
             raise QuantizeError(f"--bits {spec.bits} --group-size {spec.group_size}: experts: {e}") from None
-        self.attn_layouts = self._attn_layouts()
+        self.dense_kinds = self._dense_kinds()
         self.total = self.cfg.num_layers * self.cfg.num_experts
-        self.per_shard = max(1, shard_bytes // self.layout.nbytes)
+        self.per_shard = max(1, shard_bytes // self.layout.nbytes) if self.layout else 1
         self.num_shards = -(-self.total // self.per_shard)
         self.journal = Journal(dst / JOURNAL)
         self.progress = progress
         self._handles: dict[Path, object] = {}
-        self.head = {"settings": {"experts": spec.to_dict(), "attention": attn_spec and attn_spec.to_dict(),
+        self.head = {"settings": {"experts": spec.to_dict(), "method": method, "dense": dense.to_dict(),
                                   "shard_bytes": shard_bytes, "device": torch.device(device).type},
                      "source": source_identity(src),
                      # the journal only: a source rewritten in place (same shapes, new weights) must not
                      # be resumed into a half-written store of its older weights
                      "source_mtime_ns": {f.name: f.stat().st_mtime_ns for f in set(shard_map(src).values())}}
 
-    def _attn_layouts(self) -> dict[str, object]:
-        if self.attn_spec is None:
-            return {}
+    def _kind_of(self, name: str) -> tuple[str, QuantSpec | None] | None:
+        """(kind, int4 settings) a dense tensor is stored as, or None to copy it unchanged."""
+        d = self.dense
+        if ".self_attn." in name:
+            return ("int8", None) if d.attn_int8 else ("int4", d.attn) if d.attn else None
+        if ".mlp." in name:  # a dense Mistral's MLP takes the experts' settings
+            return ("int4", self.spec) if self.spec.bits <= 4 else ("int8", None)
+        if name == "lm_head.weight" and d.head_bits == 8 or name == "model.embed_tokens.weight" and d.embed_bits == 8:
+            return "int8", None
+        return None
+
+    def _dense_kinds(self) -> dict[str, tuple[str, QuantSpec | None]]:
         out = {}
         for name in self.ckpt.names():
-            if name.endswith(tuple(f"self_attn.{p}.weight" for p in ATTN)):
-                shape = self.ckpt.shape(name)
+            kind = None if ".experts." in name else self._kind_of(name)
+            if kind is None:
+                continue
+            if kind[0] == "int4":
+                flag = "--bits/--group-size" if ".mlp." in name else "--attn-bits/--attn-group-size"
                 try:
-                    out["x".join(map(str, shape))] = expert_layout({"w": shape}, self.attn_spec)
+                    dense_layout(kind[0], self.ckpt.shape(name), kind[1])
                 except ValueError as e:
-                    raise QuantizeError(f"--attn-bits {self.attn_spec.bits} --attn-group-size "
-                                        f"{self.attn_spec.group_size}: tensor {name!r}: {e}") from None
+                    raise QuantizeError(f"{flag}: tensor {name!r}: {e}") from None
+            out[name] = kind
         return out
 
     def _src(self, name: str):
@@ -132,9 +152,9 @@ class Converter:
         for name in self.ckpt.names():
             if ".experts." in name:
                 continue
-            key = "x".join(map(str, self.ckpt.shape(name)))
-            if key in self.attn_layouts and ".self_attn." in name:
-                n = self.attn_layouts[key].nbytes
+            if name in self.dense_kinds:
+                kind, spec = self.dense_kinds[name]
+                n = dense_layout(kind, self.ckpt.shape(name), spec).nbytes
                 plan.append((name, "U8", (n,), n))
                 continue
             sl = self._src(name).get_slice(name)
@@ -145,18 +165,20 @@ class Converter:
             plan.append((name, tag, shape, size * torch.Size(shape).numel()))
         return plan
 
-    def write_dense(self) -> None:
+    def write_dense(self) -> dict[str, int]:
+        """Write dense.safetensors; returns the crc32 of each tensor's stored bytes."""
         plan = self._dense_plan()
         w = StreamWriter(self.dst / (DENSE + ".partial"), plan)
+        crcs = {}
         for name, tag, _, _ in plan:
             t = self._src(name).get_tensor(name)
             if tag == "U8":
-                layout = self.attn_layouts["x".join(map(str, t.shape))]
-                buf = torch.zeros(layout.nbytes, dtype=torch.uint8)
-                pack_into(buf, layout, quantize_expert({"w": t}, self.attn_spec, self.device))
-                t = buf
+                kind, spec = self.dense_kinds[name]
+                t = quantize_dense(t, kind, spec, self.device, self.method)
+            crcs[name] = zlib.crc32(t.contiguous().view(-1).view(torch.uint8).numpy())
             w.write(t)
         w.finish(self.dst / DENSE)
+        return crcs
 
     # ---- experts -------------------------------------------------------------------------
     def _shard_writer(self, shard: int, done: int) -> StreamWriter:
@@ -170,10 +192,12 @@ class Converter:
     def quantize_one(self, index: int, buf: torch.Tensor) -> int:
         layer, e = divmod(index, self.cfg.num_experts)
         mats = {w: self.ckpt.get(expert_name(layer, e, w), torch.float32, "cpu") for w in self.matrices}
-        pack_into(buf, self.layout, quantize_expert(mats, self.spec, self.device))
+        pack_into(buf, self.layout, quantize_expert(mats, self.spec, self.device, self.method))
         return zlib.crc32(buf.numpy())
 
     def write_experts(self, crcs: list[int], fail_after: int | None) -> None:
+        if self.layout is None:  # a dense Mistral: nothing but the dense file
+            return
         done, n = len(crcs), self.layout.nbytes
         buf = torch.zeros(n, dtype=torch.uint8)  # zeros: alignment padding is never written, stays 0
         bar = Progress(self.total, done, self.progress)
@@ -193,17 +217,18 @@ class Converter:
                 raise InjectedFailure(f"injected failure after {fail_after} experts")
 
     # ---- resume and finish ---------------------------------------------------------------
-    def resume_state(self) -> tuple[list[int], bool]:
-        """(crc32 of the experts already written, dense done?) after checking the journal and files."""
+    def resume_state(self) -> tuple[list[int], dict | None]:
+        """(crc32 of the experts already written, the dense crc32s if dense is done) after checking the journal
+        and files."""
         recs = self.journal.read()
         if not recs or recs[0] != self.head:
             raise QuantizeError(f"{self.journal.path}: the interrupted run used other settings or another source; "
                                 "resume with the same SRC and flags, or start over in an empty DST")
         self.journal.start(recs[0])  # rewrite without a line the kill may have cut
-        crcs, dense = [], False
+        crcs, dense = [], None
         for r in recs[1:]:
             self.journal.append(r)
-            dense = dense or bool(r.get("dense"))
+            dense = r["dense"] if "dense" in r else dense
             if "expert" in r:
                 if r["expert"] != len(crcs):
                     raise QuantizeError(f"{self.journal.path}: expert {r['expert']} out of order")
@@ -227,31 +252,30 @@ class Converter:
                 w.f.close()
         return crcs, dense
 
-    def manifest(self, crcs: list[int]) -> dict:
-        e, att = self.cfg.num_experts, None
-        if self.attn_spec is not None:
-            att = {"spec": self.attn_spec.to_dict(),
-                   "layouts": {k: layout_to_dict(v) for k, v in self.attn_layouts.items()}}
-        quantized = [n for n, tag, _, _ in self._dense_plan() if tag == "U8"]
-        return {
+    def manifest(self, crcs: list[int], dense_crc: dict[str, int]) -> dict:
+        e = self.cfg.num_experts
+        tensors = {n: {"kind": k, **({"spec": s.to_dict()} if s else {})} for n, (k, s) in self.dense_kinds.items()}
+        man = {
             "format": FORMAT, "version": VERSION,
             "source": self.head["source"],
-            "quantizer": {"hqq": importlib.metadata.version("hqq"), "device": self.head["settings"]["device"]},
-            "quantization": {
-                "experts": {**self.spec.to_dict(), "bits_per_weight": bits_per_weight(self.layout, self.matrices)},
-                "attention": self.attn_spec.to_dict() if self.attn_spec else "source dtype, unchanged",
-                "dense": "source dtype, unchanged (embeddings, norms, routers, lm_head)"},
-            "dense": {"file": DENSE, "quantized": quantized},
-            "attention": att,
-            "experts": {"spec": self.spec.to_dict(), "matrices": {k: list(v) for k, v in self.matrices.items()},
-                        "layout": layout_to_dict(self.layout), "nbytes": self.layout.nbytes,
-                        "tensor": "layers.{layer}.experts.{expert}",
-                        "shards": [self.shard_name(s) for s in range(self.num_shards)],
-                        "per_shard": self.per_shard, "checksum": "crc32",
-                        "crc32": [crcs[i * e : (i + 1) * e] for i in range(self.cfg.num_layers)]},
+            "quantizer": {"hqq": importlib.metadata.version("hqq"), "device": self.head["settings"]["device"],
+                          "method": self.method},
+            "quantization": {"experts": self.spec.to_dict(), "dense": self.dense.to_dict()},
+            "dense": {"file": DENSE, "tensors": tensors, "crc32": dense_crc},
+            "experts": None,
         }
+        if self.layout is not None:
+            man["quantization"]["experts"]["bits_per_weight"] = bits_per_weight(self.layout, self.matrices)
+            man["experts"] = {
+                "spec": self.spec.to_dict(), "matrices": {k: list(v) for k, v in self.matrices.items()},
+                "layout": layout_to_dict(self.layout), "nbytes": self.layout.nbytes,
+                "tensor": "layers.{layer}.experts.{expert}",
+                "shards": [self.shard_name(s) for s in range(self.num_shards)],
+                "per_shard": self.per_shard, "checksum": "crc32",
+                "crc32": [crcs[i * e : (i + 1) * e] for i in range(self.cfg.num_layers)]}
+        return man
 
-    def finish(self, crcs: list[int]) -> None:
+    def finish(self, crcs: list[int], dense_crc: dict[str, int]) -> None:
         for name in ("config.json", "tokenizer.model"):
             if not (self.src / name).is_file():
                 print(f"warning: {self.src / name} not found, not copied: `generate -m {self.dst}` "
@@ -260,16 +284,16 @@ class Converter:
             tmp = self.dst / (name + ".partial")
             shutil.copyfile(self.src / name, tmp)
             os.replace(tmp, self.dst / name)
-        atomic_write(self.dst / MANIFEST, json.dumps(self.manifest(crcs), indent=1).encode())
+        atomic_write(self.dst / MANIFEST, json.dumps(self.manifest(crcs, dense_crc), indent=1).encode())
         self.journal.path.unlink()
 
 
-def convert(src: str | Path, dst: str | Path, spec: QuantSpec, attn_spec: QuantSpec | None = None,
+def convert(src: str | Path, dst: str | Path, spec: QuantSpec, dense: DenseSettings | None = None,
             shard_bytes: int = 2000 << 20, resume: bool = False, device: str = "cpu", fail_after: int | None = None,
-            progress: bool = True) -> Path:
+            progress: bool = True, method: str = "hqq") -> Path:
     """Quantize SRC into the store DST (see the module docstring); returns DST."""
     src, dst = Path(src), Path(dst)
-    c = Converter(src, dst, spec, attn_spec, shard_bytes, device, progress)
+    c = Converter(src, dst, spec, dense or DenseSettings(), shard_bytes, device, progress, method)
     if dst.is_dir() and any(dst.iterdir()):
         if not resume:
             raise QuantizeError(f"{dst}: not empty; pass --resume to continue an interrupted run "
@@ -280,42 +304,62 @@ def convert(src: str | Path, dst: str | Path, spec: QuantSpec, attn_spec: QuantS
             return dst
         if not c.journal.path.is_file():
             raise QuantizeError(f"{dst}: has files but no {JOURNAL}: not an interrupted quantization")
-        crcs, dense_done = c.resume_state()
+        crcs, dense_crc = c.resume_state()
     else:
         dst.mkdir(parents=True, exist_ok=True)
         c.journal.start(c.head)
-        crcs, dense_done = [], False
-    if not dense_done:
-        c.write_dense()
-        c.journal.append({"dense": True})
+        crcs, dense_crc = [], None
+    if dense_crc is None:
+        dense_crc = c.write_dense()
+        c.journal.append({"dense": dense_crc})
     c.write_experts(crcs, fail_after)
-    c.finish(crcs)
+    c.finish(crcs, dense_crc)
     return dst
+
+
+def _settings(a) -> tuple[QuantSpec, DenseSettings]:
+    for flag, v in (("--group-size", a.group_size), ("--attn-group-size", a.attn_group_size)):
+        if v is not None and v < 1:
+            raise QuantizeError(f"{flag} must be a positive multiple of 8, got {v}")
+    spec = QuantSpec(a.bits, a.group_size or DEFAULT_GROUP[a.bits], a.axis, a.meta_bits)
+    if spec.bits <= 4 and (spec.axis != 1 or spec.group_size not in INT4_GROUPS):
+        print(f"warning: --bits {spec.bits} --group-size {spec.group_size} --axis {spec.axis}: torch's fused int4 "
+              f"kernel needs --axis 1 and a group size in {INT4_GROUPS}; this store will be dequantized at every "
+              "use (several times slower)", file=sys.stderr)
+    attn = QuantSpec(4, a.attn_group_size or 64, 1, 16) if a.attn_bits == 4 else None
+    return spec, DenseSettings(attn, a.attn_bits == 8, a.head_bits, a.embed_bits)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("src", type=Path, help="Hugging Face Mixtral checkpoint folder")
+    p.add_argument("src", type=Path, help="Hugging Face Mixtral or Mistral checkpoint folder")
     p.add_argument("dst", type=Path, help="output store folder (empty, or an interrupted run with --resume)")
-    p.add_argument("--bits", type=int, choices=(2, 3, 4, 8), required=True, help="expert weight bits")
+    p.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=4,
+                   help="expert (and dense MLP) weight bits (default 4)")
     p.add_argument("--group-size", type=int, help="weights per scale/zero (default: 2->32, 3->128, 4->64, 8->128)")
-    p.add_argument("--axis", type=int, choices=(0, 1), default=0, help="hqq grouping axis (default 0)")
+    p.add_argument("--method", choices=METHODS, default="hqq",
+                   help="hqq: half-quadratic optimiser (best quality, 26-98 s per full-size matrix on a CPU); "
+                        "rtn: round-to-nearest min-max, same format, ~1 s per full-size matrix")
+    p.add_argument("--axis", type=int, choices=(0, 1), default=1,
+                   help="hqq grouping axis (default 1: groups along the input, what the fused kernels read)")
     p.add_argument("--meta-bits", type=int, choices=(8, 16), default=8,
                    help="scale/zero storage: 8 = quantized (default), 16 = hqq's fp16")
-    p.add_argument("--attn-bits", type=int, choices=(16, 8, 4), default=16,
-                   help="attention projections: 16 = keep source dtype (default)")
-    p.add_argument("--attn-group-size", type=int, default=64)
+    p.add_argument("--attn-bits", type=int, choices=(16, 8, 4), default=4,
+                   help="attention projections: 4 = int4 g64 (default), 8 = int8 per row, 16 = source dtype")
+    p.add_argument("--attn-group-size", type=int, help="int4 attention group size (default 64)")
+    p.add_argument("--head-bits", type=int, choices=(16, 8), default=8, help="lm_head: 8 = int8 per row (default)")
+    p.add_argument("--embed-bits", type=int, choices=(16, 8), default=8,
+                   help="token embeddings: 8 = int8 per row (default)")
     p.add_argument("--shard-mb", type=int, default=2000, help="expert shard size (default 2000 MB)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in DST")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="device for hqq's optimiser (default: cuda if available, else cpu)")
+                   help="device for the quantizer's arithmetic (default: cuda if available, else cpu)")
     a = p.parse_args(argv)
     try:
-        spec = QuantSpec(a.bits, a.group_size or DEFAULT_GROUP[a.bits], a.axis, a.meta_bits)
-        attn = None if a.attn_bits == 16 else QuantSpec(a.attn_bits, a.attn_group_size, 0, 16)
+        spec, dense = _settings(a)
         if a.shard_mb < 1:
             raise QuantizeError(f"--shard-mb must be positive, got {a.shard_mb}")
-        convert(a.src, a.dst, spec, attn, a.shard_mb << 20, a.resume, a.device)
+        convert(a.src, a.dst, spec, dense, a.shard_mb << 20, a.resume, a.device, method=a.method)
     except (QuantizeError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,116 @@
+"""HQQ-packed experts -> torch's int4 kernel layout, once per load: an ExpertCodec whose slots hold
+what the fused kernel reads, so a cache hit computes straight from the slot.
+
+The store and the bus carry the packed HQQ bytes (codes + 8-bit scale/zero, `layout`); a slot
+holds `slot_layout`: per output matrix the int4 codes in the kernel's layout and bf16
+scales_and_zeros (offload/kernels.py). Matrices sharing an input width can be stacked into one
+kernel matrix (`stack`, e.g. Mixtral's w1 and w3 as one [2I, D] product for a decoding token).
+
+    codec.fill(pieces, slot_views)      CPU: host pieces -> slot, converting as it copies
+    codec.convert(src_views, slot_views) any device: packed views already on the slot's device
+    codec.decode(slot_views)            -> (Int4Mat, ...) in `names` order; nothing is computed
+
+Requires groups along the input dimension (hqq axis=1) of a size the kernel takes, and 2-4 bits;
+`fused_unsupported` says why not otherwise, and the caller falls back to dequantization.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from offload.kernels import Int4Mat, int4_specs, int4_unsupported, pack_int4_codes, pack_int4_meta
+from offload.packing import Layout, views
+from offload.quant import QuantSpec, _grid, expert_layout, meta_values, unpack_codes
+from offload.store import Piece
+
+
+def fused_unsupported(shapes: dict[str, tuple[int, int]], spec: QuantSpec, device: torch.device | str) -> str | None:
+    """Why experts of these shapes and settings cannot run on the fused int4 kernel (None: they can)."""
+    if spec.bits > 4:
+        return f"{spec.bits}-bit codes (the int4 kernel takes 2, 3 and 4 bits)"
+    if spec.axis != 1:
+        return "groups along the output dimension (hqq axis 0); the kernel needs axis 1: re-quantize"
+    for name, (n, k) in shapes.items():
+        why = int4_unsupported(n, k, spec.group_size, device)
+        if why:
+            return f"{name} {n}x{k}: {why}"
+    return None
+
+
+class FusedCodec:
+    """Packed HQQ experts converted at load into torch's int4 layout (see the module docstring)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], spec: QuantSpec, device: torch.device | str,
+                 stack: dict[str, tuple[str, ...]] | None = None):
+        why = fused_unsupported(shapes, spec, device)
+        if why:
+            raise ValueError(f"fused int4 kernel unavailable: {why}")
+        self.shapes, self.spec, self.device = dict(shapes), spec, torch.device(device)
+        self.layout = expert_layout(self.shapes, spec)
+        # output matrices: stacked groups first as given, then every matrix not stacked, in shapes order
+        stack = dict(stack or {})
+        taken = {m for parts in stack.values() for m in parts}
+        for out, parts in stack.items():
+            if len({shapes[p][1] for p in parts}) != 1:
+                raise ValueError(f"stacking {parts} into {out}: input widths differ")
+        self.groups = {**stack, **{n: (n,) for n in shapes if n not in taken}}
+        self.names = tuple(sorted(self.groups, key=lambda o: min(list(shapes).index(p) for p in self.groups[o])))
+        self.out_shapes = {o: (sum(shapes[p][0] for p in ps), shapes[ps[0]][1]) for o, ps in self.groups.items()}
+        g = spec.group_size
+        self.slot_layout = Layout.plan([s for o in self.names for s in int4_specs(o, *self.out_shapes[o], g, device)])
+        # scratch on the conversion's device, allocated once: codes and fp32 scale/zero of the largest output
+        self._scratch: dict[torch.device, dict[str, torch.Tensor]] = {}
+        self._host_buf: torch.Tensor | None = None
+
+    def _buffers(self, device: torch.device) -> dict[str, torch.Tensor]:
+        if device not in self._scratch:
+            n_k = max(n * k for n, k in self.out_shapes.values())
+            q_max = max(e.nbytes for e in self.layout.entries if e.name.endswith(".q"))
+            self._scratch[device] = {
+                "codes": torch.empty(n_k, dtype=torch.uint8, device=device),
+                "bits": torch.empty(q_max, dtype=torch.uint8, device=device),  # int32 for 3 bits: viewed
+                "scale": torch.empty(n_k // self.spec.group_size, dtype=torch.float32, device=device),
+                "zero": torch.empty(n_k // self.spec.group_size, dtype=torch.float32, device=device)}
+        return self._scratch[device]
+
+    def convert(self, src: dict[str, torch.Tensor], slot_views: dict[str, torch.Tensor]) -> None:
+        """Packed views `src` (one expert, `layout`) -> the slot's kernel layout, on src's device."""
+        g = self.spec.group_size
+        for out in self.names:
+            n, k = self.out_shapes[out]
+            buf = self._buffers(src[f"{self.groups[out][0]}.q"].device)
+            codes, scale, zero = buf["codes"][: n * k].view(n, k), buf["scale"], buf["zero"]
+            row = 0
+            for part in self.groups[out]:
+                pn = self.shapes[part][0]
+                self._unpack_into(src, part, codes[row : row + pn], buf)
+                m = slice(row * k // g, (row + pn) * k // g)
+                meta_values(src, f"{part}.scale", self.spec, scale[m].view(-1, 1), buf["scale"])
+                meta_values(src, f"{part}.zero", self.spec, zero[m].view(-1, 1), buf["zero"])
+                row += pn
+            pack_int4_codes(codes, slot_views[f"{out}.w"])
+            pack_int4_meta(scale[: n * k // g].view(n, k // g), zero[: n * k // g].view(n, k // g),
+                           slot_views[f"{out}.sz"])
+
+    def _unpack_into(self, src: dict[str, torch.Tensor], part: str, codes: torch.Tensor, buf: dict) -> None:
+        q = src[f"{part}.q"]
+        rows, cols = _grid(self.shapes[part], self.spec)  # axis 1: [N*K/g, g], i.e. codes' own rows
+        scratch = buf["bits"].view(q.dtype) if q.dtype == torch.int32 else buf["bits"]
+        unpack_codes(q, self.spec.bits, codes.view(rows, cols), scratch)
+
+    def fill(self, pieces: list[Piece], slot_views: dict[str, torch.Tensor]) -> None:
+        """One stored expert (host pieces laid out by `layout`) -> a CPU slot of `slot_layout`."""
+        if len(pieces) == 1 and pieces[0].offset == 0 and pieces[0].src.numel() >= self.layout.nbytes:
+            src = pieces[0].src
+        else:  # several pieces: assemble the packed expert first (host scratch, allocated once)
+            if self._host_buf is None:
+                self._host_buf = torch.zeros(self.layout.nbytes, dtype=torch.uint8)
+            for p in pieces:
+                self._host_buf[p.offset : p.offset + p.src.numel()].copy_(p.src)
+            src = self._host_buf
+        self.convert(views(src[: self.layout.nbytes], self.layout), slot_views)
+
+    def decode(self, slot_views: dict[str, torch.Tensor]) -> tuple[Int4Mat, ...]:
+        g = self.spec.group_size
+        return tuple(Int4Mat(slot_views[f"{o}.w"], slot_views[f"{o}.sz"], g, self.out_shapes[o][0])
+                     for o in self.names)
