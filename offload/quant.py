@@ -53,7 +53,7 @@ class QuantSpec:
 
     bits: int
     group_size: int
-    axis: int = 0
+    axis: int = 1  # 1: groups along the input dimension, what the fused int4 kernels read
     meta_bits: int = 8  # 16: hqq's fp16 scale/zero; 8: our 8-bit scale/zero, second level in G2
     meta_group: int = 128  # G2: values of scale (or zero) sharing one second-level scale/zero
 

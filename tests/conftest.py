@@ -29,3 +29,9 @@ def mixtral_window_ref(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mistral_window_ref(tmp_path_factory):
     return save_reference(tmp_path_factory.mktemp("mistral_sw"), "mistral", seed=2, sliding_window=8)
+
+
+@pytest.fixture(scope="session")
+def mixtral_q_ref(tmp_path_factory):
+    """Widths the fused int4 kernel takes at every group size up to 128 (intermediate 128, hidden 64)."""
+    return save_reference(tmp_path_factory.mktemp("mixtral_q"), "mixtral", seed=3, intermediate_size=128)
