@@ -1,6 +1,6 @@
 """Write a random, Mixtral-shaped Hugging Face checkpoint (no model hub here, so benchmarks need one).
 
-    python tools/make_synthetic_checkpoint.py OUT --preset {mixtral-1/8,tiny} [--seed 0] [--dtype bfloat16]
+    python tools/make_synthetic_checkpoint.py OUT --preset {mixtral-1/8,mixtral-4l,tiny} [--seed 0] [--dtype bfloat16]
 
 OUT gets config.json (real Mixtral style: top-level rope_theta and torch_dtype), tokenizer.model (the real
 Mixtral tokenizer, copied from mistral_common) and model.safetensors, or shards of at most ~2 GB
@@ -15,6 +15,9 @@ Presets (L = layers, E = experts, D = hidden, I = intermediate, H/KV = heads, hd
   w1, w3 [1792, 512], w2 [512, 1792]; final norm [512]. 758.5M parameters: 1.52 GB in bfloat16
   (one model.safetensors), 3.04 GB in float32 (two shards). One expert is 2.75M parameters (5.5 MB bf16).
 - `tiny`: L=2, E=4, top-2, V=32000 (the real tokenizer), D=64, I=128, H=4, KV=2, hd=16: for tests.
+- `mixtral-4l`: Mixtral-8x7B's real widths (D=4096, I=14336, H=32, KV=8, hd=128, E=8, top-2, V=32000) and
+  4 of its 32 layers: 6.1B parameters, 12.2 GB in bfloat16 (7 shards); one expert is 176M parameters
+  (352 MB bf16). For benchmarks at the width that matters; fp32 of it does not fit in 24 GB.
 
 Weights are N(0, 0.02) (transformers' initializer_range), norms are 1, so activations stay O(1) through
 all layers. Each tensor is drawn from its own generator seeded by (seed, tensor index): the result does not
@@ -40,6 +43,7 @@ import torch
 PRESETS = {
     "mixtral-1/8": dict(vocab=32000, hidden=512, intermediate=1792, layers=32, heads=4, kv_heads=1, experts=8),
     "tiny": dict(vocab=32000, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, experts=4),
+    "mixtral-4l": dict(vocab=32000, hidden=4096, intermediate=14336, layers=4, heads=32, kv_heads=8, experts=8),
 }
 DTYPES = {"bfloat16": (torch.bfloat16, "BF16"), "float32": (torch.float32, "F32")}
 INIT_STD = 0.02
