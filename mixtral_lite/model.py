@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import offloading, qstore
-from .checkpoint import Checkpoint, expert_name
+from .checkpoint import Checkpoint, check_finite, expert_name
 from .config import ModelConfig
 from .experts import ExpertProvider, ResidentExperts
 from .kv_cache import RollingKVCache
@@ -266,6 +266,9 @@ def load_model(path, *, device="cpu", dtype: torch.dtype = torch.float32, expert
             experts = _default_store_experts()
         model.experts = (experts or resident_experts)(cfg, ckpt, device, dtype)
     check_loaded(model)
+    if not isinstance(ckpt, Checkpoint):  # Checkpoint.get checks what it reads; other stores are checked here
+        for name, p in model.named_parameters():
+            check_finite(p, ckpt.path, name)
     return model.eval()
 
 

@@ -35,6 +35,7 @@ import torch
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ is a folder of scripts, not a package
+from quantize_checks import check_flags, store_differences  # noqa: E402
 from store_writing import Journal, Progress, StreamWriter, atomic_write  # noqa: E402
 
 from mixtral_lite.checkpoint import INDEX, SINGLE, Checkpoint, CheckpointError, expert_name, shard_map
@@ -275,8 +276,12 @@ def convert(src: str | Path, dst: str | Path, spec: QuantSpec, attn_spec: QuantS
             raise QuantizeError(f"{dst}: not empty; pass --resume to continue an interrupted run "
                                 "or choose an empty folder")
         if (dst / MANIFEST).is_file():
+            differs = store_differences(json.loads((dst / MANIFEST).read_text()), c)
+            if differs:
+                raise QuantizeError(f"{dst}: a complete store made with other settings ({'; '.join(differs)}); "
+                                    "choose an empty DST to quantize again")
             c.journal.path.unlink(missing_ok=True)  # killed after the manifest, before this cleanup
-            print(f"{dst}: already a complete store; nothing to do", file=sys.stderr)
+            print(f"{dst}: already a complete store with these settings; nothing to do", file=sys.stderr)
             return dst
         if not c.journal.path.is_file():
             raise QuantizeError(f"{dst}: has files but no {JOURNAL}: not an interrupted quantization")
@@ -311,14 +316,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="device for hqq's optimiser (default: cuda if available, else cpu)")
     a = p.parse_args(argv)
     try:
-        spec = QuantSpec(a.bits, a.group_size or DEFAULT_GROUP[a.bits], a.axis, a.meta_bits)
+        check_flags(a)
+        group = DEFAULT_GROUP[a.bits] if a.group_size is None else a.group_size  # 0 is an error, not "default"
+        spec = QuantSpec(a.bits, group, a.axis, a.meta_bits)
         attn = None if a.attn_bits == 16 else QuantSpec(a.attn_bits, a.attn_group_size, 0, 16)
-        if a.shard_mb < 1:
-            raise QuantizeError(f"--shard-mb must be positive, got {a.shard_mb}")
         convert(a.src, a.dst, spec, attn, a.shard_mb << 20, a.resume, a.device)
     except (QuantizeError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions: the journal keeps what was done
+        where = f"{e.filename}: " if e.filename else f"writing {a.dst}: "
+        print(f"error: {where}{e.strerror or e}; fix it and run the same command with --resume to continue "
+              "(finished experts are kept)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"error: interrupted; run the same command with --resume to continue in {a.dst}", file=sys.stderr)
+        return 130
     print(f"wrote {a.dst}", file=sys.stderr)
     return 0
 
