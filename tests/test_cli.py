@@ -63,20 +63,22 @@ def test_sampling_is_seeded(mixtral_ref, tmp_path, capsys):
     (["-p", ""], "the prompt is empty"),
     (["-p", "x", "-f", "y"], "either -p/--prompt or -f/--file"),
     (["-f", "/nonexistent/prompt.txt"], "-f/--file: /nonexistent/prompt.txt does not exist"),
-    (["-p", "x", "-n", "-1"], "-n/--max-new-tokens must be >= 0"),
+    (["-p", "x", "-n", "-1"], "-n/--max-new-tokens: -1 is out of range: must be >= 0"),
     (["-p", "x", "--top-p", "0"], "--top-p"),
-    (["-p", "x", "-t", "0"], "-t/--threads must be >= 1"),
+    (["-p", "x", "-t", "0"], "-t/--threads: 0 is out of range: must be >= 1"),
     (["-p", "x", "--temperature", "-1"], "--temperature"),
 ])
-def test_bad_input(mixtral_ref, argv, message):
+def test_bad_input(mixtral_ref, argv, message, capsys):
     with pytest.raises(SystemExit) as err:
         main(["-m", str(mixtral_ref[1]), *argv])
-    assert message in str(err.value)
+    assert err.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_missing_model_folder(tmp_path):
-    with pytest.raises(SystemExit, match="is not a model folder"):
+    with pytest.raises(SystemExit, match="nope does not exist"):
         main(["-m", str(tmp_path / "nope"), "-p", "x"])
+    with pytest.raises(SystemExit, match="is not a model folder"):
+        main(["-m", str(tmp_path), "-p", "x"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
