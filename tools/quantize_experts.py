@@ -316,24 +316,35 @@ def main(argv: list[str] | None = None) -> int:
                    help="device for hqq's optimiser (default: cuda if available, else cpu)")
     a = p.parse_args(argv)
     try:
+        return _run(a)
+    finally:
+        Progress.line_open = False
+
+
+def _run(a) -> int:
+    try:
         check_flags(a)
         group = DEFAULT_GROUP[a.bits] if a.group_size is None else a.group_size  # 0 is an error, not "default"
         spec = QuantSpec(a.bits, group, a.axis, a.meta_bits)
         attn = None if a.attn_bits == 16 else QuantSpec(a.attn_bits, a.attn_group_size, 0, 16)
         convert(a.src, a.dst, spec, attn, a.shard_mb << 20, a.resume, a.device)
     except (QuantizeError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(str(e))
         return 2
     except OSError as e:  # disk full, permissions: the journal keeps what was done
         where = f"{e.filename}: " if e.filename else f"writing {a.dst}: "
-        print(f"error: {where}{e.strerror or e}; fix it and run the same command with --resume to continue "
-              "(finished experts are kept)", file=sys.stderr)
+        _error(f"{where}{e.strerror or e}; fix it and run the same command with --resume to continue "
+               "(finished experts are kept)")
         return 2
     except KeyboardInterrupt:
-        print(f"error: interrupted; run the same command with --resume to continue in {a.dst}", file=sys.stderr)
+        _error(f"interrupted; run the same command with --resume to continue in {a.dst}")
         return 130
     print(f"wrote {a.dst}", file=sys.stderr)
     return 0
+
+
+def _error(message: str) -> None:
+    print(("\n" if Progress.line_open else "") + f"error: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":
