@@ -96,8 +96,8 @@ def test_rms_norm_eps_negative_named(model_copy, capsys):
 # ---- 2, 3. quantizer: resume on a finished store, numeric flags, DST, device -----------------
 def test_quantizer_flags_and_finished_store(mixtral_ref, tmp_path, capsys):
     src = mixtral_ref[1]
-    assert "--group-size must be a positive integer, got 0" in one_line_error(capsys, qe.main, [src, tmp_path / "g", "--bits", 4,
-                                                                          "--group-size", 0])
+    line = one_line_error(capsys, qe.main, [src, tmp_path / "g", "--bits", 4, "--group-size", 0])
+    assert "--group-size must be a positive integer, got 0" in line
     assert not (tmp_path / "g").exists()
     assert "--shard-mb must be a positive" in one_line_error(capsys, qe.main, [src, tmp_path / "s", "--bits", 4,
                                                                                "--shard-mb", -1])
