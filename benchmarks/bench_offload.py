@@ -59,9 +59,11 @@ def checkpoint(args) -> Path:
     return path
 
 
-def text_tokens(path: Path, n: int) -> list[int]:
+def text_tokens(path: Path, n: int, text: Path = TEXT) -> list[int]:
     tok = Tokenizer.from_dir(path)
-    ids = tok.encode(TEXT.read_text(encoding="utf-8")[:20000]) if TEXT.is_file() else []
+    ids = tok.encode(text.read_text(encoding="utf-8")[:20000]) if text.is_file() else []
+    if not text.is_file():
+        print(f"note: --text {text} not found: the prompt is seeded random ids", file=sys.stderr)
     if len(ids) < n:  # no corpus: seeded random ids
         ids = torch.randint(3, tok.vocab_size, (n,), generator=torch.Generator().manual_seed(0)).tolist()
     return ids[:n]
@@ -222,6 +224,7 @@ def main() -> None:
                     help="experts chosen by the (random) model's routers, or replayed from --trace")
     ap.add_argument("--trace", type=Path, default=TRACE, help="recorded Mixtral-8x7B routing (jsonl)")
     ap.add_argument("--prompt", type=int, default=32, help="prefill tokens")
+    ap.add_argument("--text", type=Path, default=TEXT, help="prompt text (default: ../shared/.../austen-valid.txt)")
     ap.add_argument("--tokens", type=int, default=64, help="decoded tokens, warm-up included")
     ap.add_argument("--warmup", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2, help="sweeps; steps pooled (spreads load bursts)")
@@ -240,7 +243,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     path = checkpoint(args)
-    ids = text_tokens(path, args.prompt + args.tokens)
+    ids = text_tokens(path, args.prompt + args.tokens, args.text)
     model = load_model(path, device=device, dtype=dtype, experts=make_factory(slots=2, store="mmap"))
     cfg = model.config
     trace = load_trace(args.trace, cfg.num_layers) if args.routing == "trace" else None

@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.model / "config.json").is_file():
         print(f"error: -m/--model: {args.model} is not a model folder", file=sys.stderr)
         return 2
+    if not args.text.is_file():
+        raise SystemExit(f"error: --text {args.text}: not found (the held-out text to score; pass --text FILE)")
     ids, bos = eval_ids(args.model, args.text, args.max_tokens)
     print(f"{len(ids)} tokens of {args.text.name}, windows of {args.ctx}", file=sys.stderr)
     ref_model = load_model(args.model, device=args.device, dtype=torch.float32)

@@ -7,6 +7,7 @@ so the checkpoint is never held twice in memory. Every problem names the file an
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -58,19 +59,37 @@ def shard_map(path: Path) -> dict[str, Path]:
             weight_map = json.loads((path / INDEX).read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise CheckpointError(f"{path / INDEX}: not a safetensors index ({e})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{path / INDEX}: 'weight_map' must map tensor names to shard files")
         return {name: path / shard for name, shard in weight_map.items()}
     if (path / SINGLE).is_file():
         return {name: path / SINGLE for name in _open(path / SINGLE).keys()}
+    if (path / "dense.safetensors").is_file() or any(path.glob("experts-*-of-*.safetensors*")):
+        raise CheckpointError(f"{path}: a quantized store without its manifest.json (an interrupted "
+                              "tools/quantize_experts.py run? rerun it with --resume to finish the store)")
     raise CheckpointError(f"{path}: neither {SINGLE} nor {INDEX} found")
 
 
 def _open(file: Path):
     if not file.is_file():
         raise CheckpointError(f"{file}: shard is missing")
+    if not os.access(file, os.R_OK):
+        raise CheckpointError(f"{file}: permission denied (the shard is not readable)")
     try:
         return safe_open(str(file), framework="pt", device="cpu")
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+        raise CheckpointError(f"{file}: not a readable safetensors file ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def check_finite(t: torch.Tensor, file: Path | str, name: str, cast: str = "") -> None:
+    """Raise CheckpointError naming file and tensor if `t` holds NaN or Inf."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(f"{file}: tensor {name!r} holds {bad} NaN/Inf values{cast}")
 
 
 class Checkpoint:
@@ -124,5 +143,10 @@ class Checkpoint:
         try:
             t = self._handle(file).get_tensor(name)
         except Exception as e:
-            raise CheckpointError(f"{file}: tensor {name!r} cannot be read ({e})") from None
-        return t.to(device=device, dtype=dtype)
+            raise CheckpointError(f"{file}: tensor {name!r} cannot be read ({_first_line(e)})") from None
+        out = t.to(device=device, dtype=dtype)
+        if not bool(torch.isfinite(out).all()):  # NaN/Inf weights would turn every output into garbage
+            overflow = bool(torch.isfinite(t).all())
+            check_finite(out, file, name, f" after the cast to {str(dtype).removeprefix('torch.')} (values "
+                         "too large for it: choose another --dtype)" if overflow else "")
+        return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,10 +55,14 @@ class ModelConfig:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text") from None
         return ModelConfig.from_dict(raw, str(path))
 
     @staticmethod
     def from_dict(raw: dict, source: str = "config.json") -> ModelConfig:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: must hold a JSON object {{...}}, got a JSON {type(raw).__name__}")
         arch = _architecture(raw, source)
 
         def need(key: str, kind=int):
@@ -69,8 +74,8 @@ class ModelConfig:
             return value
 
         hidden, heads = need("hidden_size"), need("num_attention_heads")
-        kv_heads = raw.get("num_key_value_heads") or heads
-        head_dim = raw.get("head_dim") or hidden // heads
+        kv_heads = need("num_key_value_heads") if raw.get("num_key_value_heads") is not None else heads
+        head_dim = need("head_dim") if raw.get("head_dim") is not None else hidden // heads
         if raw.get("head_dim") is None and hidden % heads:
             raise ConfigError(f"{source}: field 'num_attention_heads' ({heads}) does not divide "
                               f"'hidden_size' ({hidden})")
@@ -85,6 +90,7 @@ class ModelConfig:
         window = raw.get("sliding_window")
         if window is not None and (not isinstance(window, int) or window <= 0):
             raise ConfigError(f"{source}: field 'sliding_window' must be null or a positive integer")
+        max_pos = need("max_position_embeddings") if raw.get("max_position_embeddings") is not None else 32768
         dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
         if dtype not in DTYPES:
             raise ConfigError(f"{source}: field 'torch_dtype' {dtype!r} is not one of {sorted(DTYPES)}")
@@ -92,16 +98,27 @@ class ModelConfig:
             arch=arch, vocab_size=need("vocab_size"), hidden_size=hidden,
             intermediate_size=need("intermediate_size"), num_layers=need("num_hidden_layers"),
             num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-            rope_theta=float(_rope_theta(raw, source)), rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-            sliding_window=window, max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
+            rope_theta=_positive(_rope_theta(raw, source), "rope_theta", source),
+            rms_norm_eps=_positive(raw.get("rms_norm_eps", 1e-5), "rms_norm_eps", source),
+            sliding_window=window, max_position_embeddings=max_pos,
             num_experts=num_experts, experts_per_tok=top_k,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)), dtype=dtype,
             bos_id=raw.get("bos_token_id", 1), eos_id=_first(raw.get("eos_token_id", 2)),
         )
 
 
+def _positive(value, key: str, source: str) -> float:
+    """A finite number > 0 (rms_norm_eps -1 or rope_theta 0 would make every logit NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{source}: field {key!r} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def _architecture(raw: dict, source: str) -> str:
     names = raw.get("architectures") or []
+    if not isinstance(names, list):
+        raise ConfigError(f"{source}: field 'architectures' must be a list such as [\"MixtralForCausalLM\"], "
+                          f"got {names!r}")
     known = [ARCHITECTURES[n] for n in names if n in ARCHITECTURES]
     if known:
         return known[0]

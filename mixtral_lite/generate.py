@@ -1,214 +1,298 @@
 """`python -m mixtral_lite.generate`: stream a continuation of a prompt.
 
-stdout carries only the generated text; stderr carries the figures (load time, time to
-first token, decode tokens/s, memory, expert-cache counters); --stats-json writes them.
+stdout carries only the generated text; stderr carries the figures (load time, prompt
+evaluation and decode speed, memory, expert-cache counters); --stats-json writes them.
+Arguments are parsed before torch is imported, so --help and flag errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import errno
+import secrets
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
 from . import default_model_path
-from .config import DTYPES, ModelConfig
-from .kv_cache import kv_cache_bytes
-from .model import Transformer, load_model
-from .runstats import device_bytes, format_stats, peak_rss_bytes, write_json_atomic
-from .sampling import check_args, sample
-from .tokenizer import StreamingDetokenizer, Tokenizer
-from .tracing import trace_model
+from .cli import (
+    DTYPE_NAMES,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    Terminated,
+    add_version,
+    check_model_dir,
+    check_output,
+    fail,
+    front_door,
+    guard_std_streams,
+    read_text,
+    silence_stdout,
+)
+from .offload_args import add_args as add_offload_args
 
-try:  # the offload engine adds its flags when present
-    from . import offloading
-except ImportError:
-    offloading = None
-
-SHIPPED_EXPERTS_PER_LAYER = 4  # the default demo offloads: 4 of 8 experts per layer on the device
-
-
-@torch.inference_mode()
-def generate_stream(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, window: int,
-                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                    chunk: int = 512) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row ([B] int64), max_new_tokens times.
-
-    Prompts of different lengths are left-padded; padding is masked out, so each row
-    gets exactly what it would get alone. The prompt is prefilled in chunks of `chunk`.
-    """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    device = model.embed.weight.device
-    longest = max(len(p) for p in prompts)
-    pad = torch.tensor([longest - len(p) for p in prompts], device=device)
-    tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)
-    cache = model.new_cache(len(prompts), window)
-    cache.reset(pad)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    for start in range(0, longest, chunk):
-        logits = model(tokens[:, start : start + chunk], cache, last_only=True)
-    for i in range(max_new_tokens):
-        nxt = sample(logits[:, -1].float(), temperature, top_k, top_p, gen)
-        yield nxt
-        if i + 1 < max_new_tokens:  # the last token is never fed back
-            logits = model(nxt[:, None], cache)
+# On CUDA the shipped demo offloads 4 of its 8 experts per layer, to show the cache at work; on the
+# CPU the "device" is the same RAM, so offloading there would only cost time and stays off by default.
+SHIPPED_EXPERTS_PER_LAYER = 4
 
 
-def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, window: int,
-             eos_id: int | None = None, **sampling) -> list[list[int]]:
-    """Generated ids per row; a row ends after its EOS (kept, as transformers does)."""
-    out: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    for step in generate_stream(model, prompts, max_new_tokens, window=window, **sampling):
-        for row, tok in enumerate(step.tolist()):
-            if not done[row]:
-                out[row].append(tok)
-                done[row] = tok == eos_id
-        if all(done):
-            break
-    return out
+def __getattr__(name: str):
+    """generate() and generate_stream() live in generation.py (this module imports no torch)."""
+    if name in ("generate", "generate_stream", "NonFiniteError"):
+        from . import generation
+
+        return getattr(generation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mixtral-lite", description=__doc__.splitlines()[0])
+    add_version(p)
     p.add_argument("-m", "--model", type=Path, help="checkpoint folder (default: the shipped Austen model)")
     p.add_argument("-p", "--prompt", help="prompt text")
-    p.add_argument("-f", "--file", type=Path, help="read the prompt from this file")
-    p.add_argument("-n", "--max-new-tokens", type=int, default=128)
+    p.add_argument("-f", "--file", type=Path, help="read the prompt from this UTF-8 file (- = stdin)")
+    p.add_argument("-n", "--max-new-tokens", type=NON_NEGATIVE, default=128)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=40, help="0 = off")
+    p.add_argument("--top-k", type=NON_NEGATIVE, default=40, help="0 = off")
     p.add_argument("--top-p", type=float, default=0.95, help="1 = off")
-    p.add_argument("-s", "--seed", type=int, default=0)
-    p.add_argument("-c", "--ctx-size", type=int, default=4096,
+    p.add_argument("-s", "--seed", type=SEED, default=-1, help="sampling seed (default -1: random, printed)")
+    p.add_argument("-c", "--ctx-size", type=POSITIVE, default=4096,
                    help="KV window when the model has no sliding_window; a window shorter than the "
                         "text is an approximation (Mixtral-8x7B has no sliding window)")
-    p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per prefill chunk")
-    p.add_argument("-t", "--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("-b", "--batch-size", type=POSITIVE, default=512, help="prompt tokens per prefill chunk")
+    p.add_argument("-t", "--threads", type=POSITIVE,
+                   help="CPU threads for torch (default: the physical cores, fewer when others are busy)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on cpu, the checkpoint's on cuda")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: float32 on cpu, the checkpoint's on cuda")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the Instruct chat format")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-sequence token")
     p.add_argument("--stats-json", type=Path, help="write the run's figures to this JSON file")
     p.add_argument("--trace-routing", type=Path, metavar="FILE",
                    help="record every (token, layer) expert choice and prefetch guess as jsonl")
-    if offloading is not None:
-        offloading.add_args(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the memory plan (dense, KV cache, expert slots, host RAM) without loading weights")
+    add_offload_args(p)
     return p
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda: no CUDA device is available (try --device cpu)")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def read_prompt(args) -> str:
     if args.prompt is not None and args.file is not None:
-        raise SystemExit("error: give either -p/--prompt or -f/--file, not both")
-    if args.file is not None:
-        if not args.file.is_file():
-            raise SystemExit(f"error: -f/--file: {args.file} does not exist")
-        text = args.file.read_text(encoding="utf-8")
-    else:
-        text = args.prompt or ""
+        raise fail("give either -p/--prompt or -f/--file, not both")
+    text = read_text(args.file) if args.file is not None else args.prompt or ""
     if not text.strip():
-        raise SystemExit("error: the prompt is empty (give -p TEXT or -f FILE)")
+        raise fail("the prompt is empty (give -p TEXT or -f FILE)")
     return text
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.model is None:
-        args.model = default_model_path()
-        if offloading is not None and getattr(args, "experts_per_layer", None) is None:
-            args.experts_per_layer = SHIPPED_EXPERTS_PER_LAYER
-    if not (args.model / "config.json").is_file():
-        raise SystemExit(f"error: -m/--model: {args.model} is not a model folder (no config.json)")
-    if args.max_new_tokens < 0:
-        raise SystemExit("error: -n/--max-new-tokens must be >= 0")
+    with front_door():
+        import torch
+
+        threads = torch.get_num_threads()
+        try:
+            _main(args)
+        finally:  # callers in the same process (tests, notebooks) keep their setting
+            torch.set_num_threads(threads)
+
+
+def _main(args) -> None:
+    guard_std_streams()
+    model_dir = args.model or default_model_path()
+    check_model_dir(model_dir)
+    check_output(args.stats_json, "--stats-json")
+    check_output(args.trace_routing, "--trace-routing")
+    text = None if args.dry_run else read_prompt(args)
+    from .config import ModelConfig
+    from .sampling import check_args
+
     try:
         check_args(args.temperature, args.top_k, args.top_p)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    text = read_prompt(args)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit("error: -t/--threads must be >= 1")
-        torch.set_num_threads(args.threads)
+        raise fail(str(e)) from None
+
+    cfg = ModelConfig.from_dir(model_dir)
     device = pick_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else _default_dtype(args.model, device)
-    t0 = time.perf_counter()
-    factory = offloading.build(args, ModelConfig.from_dir(args.model), device, dtype) if offloading else None
-    model = load_model(args.model, device=device, dtype=dtype, experts=factory)
-    tok = Tokenizer.from_dir(args.model)
-    if tok.vocab_size > model.config.vocab_size:
-        raise SystemExit(f"error: {args.model}: tokenizer.model has {tok.vocab_size} pieces but the model's "
-                         f"vocab_size is {model.config.vocab_size}")
-    load_s = time.perf_counter() - t0
+    dtype = pick_dtype(args.dtype, cfg, device)
+    if args.model is None and device.type == "cuda":
+        _shipped_defaults(args)
+    if args.dry_run:
+        return _dry_run(args, cfg, model_dir, device, dtype)
+    _set_threads(args)
+    if args.seed == -1:
+        args.seed = secrets.randbits(63)
+        print(f"seed: {args.seed} (-s {args.seed} repeats this run)", file=sys.stderr)
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(model_dir)  # before the model: a missing tokenizer costs no load
+    if tok.vocab_size > cfg.vocab_size:
+        raise fail(f"{model_dir}: tokenizer.model has {tok.vocab_size} pieces but config.json's vocab_size "
+                   f"is {cfg.vocab_size}")
+    if tok.vocab_size < cfg.vocab_size:
+        print(f"note: the model's vocab_size {cfg.vocab_size} exceeds the tokenizer's {tok.vocab_size} pieces; "
+              "ids without a piece are never sampled", file=sys.stderr)
     ids = tok.encode_chat([{"role": "user", "content": text}]) if args.chat else tok.encode(text)
+    window = plan_window(args, cfg, len(ids))
+    _generate(args, cfg, model_dir, tok, ids, window, device, dtype)
+
+
+def _generate(args, cfg, model_dir: Path, tok, ids: list[int], window: int, device, dtype) -> None:
+    from .model import load_model
+    from .offloading import build
+    from .runstats import format_stats, write_json_atomic
+    from .tracing import trace_model
+
+    t0 = time.perf_counter()
+    factory = build(args, cfg, device, dtype)
+    print(f"load: {model_dir} ({_folder_mib(model_dir):.0f} MiB on disk) on {device}, "
+          f"{str(dtype).removeprefix('torch.')} ...", file=sys.stderr, flush=True)
+    model = load_model(model_dir, device=device, dtype=dtype, experts=factory)
+    load_s = time.perf_counter() - t0
     tracer = trace_model(model, args.trace_routing) if args.trace_routing else None
     try:
-        stats = run(model, tok, ids, args, device)
-    except BrokenPipeError:  # stdout's reader has gone (`| head`): stop quietly, as command-line tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error flushing at exit
-        raise SystemExit(1) from None
+        stats = run(model, tok, ids, args, device, window)
     finally:
         if tracer is not None:
             tracer.close()
-    stats = {"load_s": load_s, **stats}
+    stats = {"load_s": load_s, "seed": args.seed, "threads": args.threads, **stats}
     if model.experts is not None:
         stats |= model.experts.stats()
     print(format_stats(stats), file=sys.stderr)
     if args.stats_json:
         write_json_atomic(args.stats_json, stats)
+    if stats["interrupted"]:
+        sig = stats["interrupted"]
+        raise fail(f"interrupted by {sig} after {stats['generated_tokens']} tokens (figures above are for "
+                   "those)", 130 if sig == "SIGINT" else 143)
 
 
-def _default_dtype(model_dir: Path, device: torch.device) -> torch.dtype:
+def _folder_mib(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / (1 << 20)
+
+
+def pick_device(name: str):
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise fail("--device cuda: no CUDA device is available (try --device cpu)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def pick_dtype(name: str | None, cfg, device):
+    import torch
+
+    from .config import DTYPES
+
+    if name:
+        return DTYPES[name]
     if device.type == "cpu":
         return torch.float32
-    dtype = DTYPES[ModelConfig.from_dir(model_dir).dtype]
+    dtype = DTYPES[cfg.dtype]
     return torch.float16 if dtype == torch.float32 else dtype
 
 
-def run(model, tok: Tokenizer, ids: list[int], args, device: torch.device) -> dict:
-    """Generate, streaming text to stdout; return the figures."""
-    window = model.config.sliding_window or args.ctx_size
+def _shipped_defaults(args) -> None:
+    """The shipped model on CUDA offloads by default unless the user chose the expert layout."""
+    if args.experts_per_layer is None and args.device_memory is None:
+        args.experts_per_layer = SHIPPED_EXPERTS_PER_LAYER
+
+
+def _set_threads(args) -> None:
+    import torch
+
+    from .threads import default_threads
+
+    if args.threads is None:
+        args.threads, why = default_threads()
+        print(f"threads: {args.threads} ({why}; -t N to choose)", file=sys.stderr)
+    torch.set_num_threads(args.threads)
+
+
+def plan_window(args, cfg, prompt_tokens: int) -> int:
+    """The KV window: the model's sliding window or -c, never more than the text needs; warns when
+    the text outgrows a full-attention window or the trained context."""
+    total = prompt_tokens + args.max_new_tokens
+    if cfg.sliding_window is None and total > args.ctx_size:
+        print(f"warning: prompt ({prompt_tokens}) + generation ({args.max_new_tokens}) = {total} tokens exceed "
+              f"the KV window (-c {args.ctx_size}) of a model without a sliding window: the oldest tokens drop "
+              "out of attention (an approximation; raise -c to stay exact)", file=sys.stderr)
+    if total > cfg.max_position_embeddings:
+        print(f"warning: {total} tokens pass the model's trained context (max_position_embeddings "
+              f"{cfg.max_position_embeddings}): quality may fall beyond it", file=sys.stderr)
+    return max(1, min(cfg.sliding_window or args.ctx_size, total))
+
+
+def _dry_run(args, cfg, model_dir: Path, device, dtype) -> None:
+    from .plan import format_plan, make_plan
+    from .runstats import write_json_atomic
+
+    plan = make_plan(args, cfg, model_dir, device, dtype, cfg.sliding_window or args.ctx_size)
+    print(format_plan(plan))
+    if args.stats_json:
+        write_json_atomic(args.stats_json, plan)
+
+
+def run(model, tok, ids: list[int], args, device, window: int) -> dict:
+    """Generate, streaming text to stdout; return the figures (also after SIGINT/SIGTERM)."""
+    from .generation import generate_stream
+    from .kv_cache import kv_cache_bytes
+    from .runstats import device_bytes, peak_rss_bytes
+    from .tokenizer import StreamingDetokenizer
+
     dtype = model.embed.weight.dtype
     eos = None if args.ignore_eos else tok.eos_id
     detok = StreamingDetokenizer(tok)
     generated: list[int] = []
     t0 = time.perf_counter()
-    t_first = None
+    t_first, interrupted = None, None
     stream = generate_stream(model, [ids], args.max_new_tokens, window=window, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, chunk=args.batch_size)
-    for step in stream:
-        token = int(step[0])
-        if t_first is None:
-            t_first = time.perf_counter()
-        generated.append(token)
-        if token == eos:
-            break
-        sys.stdout.write(detok.push(token))
-        sys.stdout.flush()
-    sys.stdout.write(detok.flush() + "\n")
+                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, chunk=args.batch_size,
+                             vocab_limit=tok.vocab_size)
+    try:
+        for step in stream:
+            token = int(step[0])
+            t_first = t_first or time.perf_counter()
+            generated.append(token)
+            if token == eos:
+                break
+            _write(detok.push(token))
+        _write(detok.flush() + "\n")
+    except KeyboardInterrupt:
+        interrupted = "SIGINT"
+    except Terminated:
+        interrupted = "SIGTERM"
+    if interrupted:
+        _write(detok.flush() + "\n")
     t_end = time.perf_counter()
     t_first = t_first or t_end
     decode_n = max(len(generated) - 1, 0)
     return {
         "prompt_tokens": len(ids), "generated_tokens": len(generated), "generated_ids": generated,
         "ttft_s": t_first - t0,
+        "prompt_tokens_per_s": len(ids) / (t_first - t0) if t_first > t0 else 0.0,
         "decode_tokens_per_s": decode_n / (t_end - t_first) if decode_n and t_end > t_first else 0.0,
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_device_bytes": device_bytes(model, kv_cache_bytes(model.config, window, dtype), device),
         "window": window, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "interrupted": interrupted,
     }
+
+
+def _write(text: str) -> None:
+    """Text to stdout; a full or failing stdout is one line naming it (a closed pipe stays quiet)."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        silence_stdout()
+        if e.errno == errno.EPIPE:
+            raise BrokenPipeError() from None
+        raise fail(f"writing the text to stdout: {e.strerror}") from None
 
 
 if __name__ == "__main__":

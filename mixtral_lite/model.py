@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import offloading, qstore, qweights
-from .checkpoint import Checkpoint, expert_name
+from .checkpoint import Checkpoint, check_finite, expert_name
 from .config import ModelConfig
 from .experts import ExpertProvider, ResidentExperts
 from .kv_cache import RollingKVCache
@@ -273,6 +273,9 @@ def load_model(path, *, device="cpu", dtype: torch.dtype = torch.float32, expert
         if getattr(ckpt, "codec_note", None):
             model.kernel_notes["experts"] = ckpt.codec_note
     check_loaded(model)
+    if not isinstance(ckpt, Checkpoint):  # Checkpoint.get checks what it reads; other stores are checked here
+        for name, p in model.named_parameters():
+            check_finite(p, ckpt.path, name)
     return model.eval()
 
 

@@ -13,35 +13,22 @@ expert math (SwiGLU), and turns flags into an `OffloadEngine`:
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
 from offload.codec import PlainCodec
 from offload.engine import OffloadEngine, slot_layout
-from offload.policy import POLICIES, make_policy
 from offload.store import RamStore, SafetensorsSource
 
 from .checkpoint import expected_shapes, expert_name
 from .config import ModelConfig
 from .experts import expert_function
 from .kv_cache import kv_cache_bytes
+from .offload_args import add_args, live_policies  # noqa: F401  (their home before)
 
 ROLES = ("w1", "w2", "w3")  # the order swiglu_expert takes them
 GIB = 1 << 30
-
-
-def live_policies() -> list[str]:
-    """Policies a live cache can run (replay-only ones, like belady, need the future and refuse)."""
-    names = []
-    for name in sorted(POLICIES):
-        try:
-            make_policy(name, 2, 1)
-        except (ValueError, TypeError):
-            continue
-        names.append(name)
-    return names
 
 
 class OffloadedExperts:
@@ -66,20 +53,6 @@ class OffloadedExperts:
 
     def stats(self) -> dict:
         return self.engine.stats()
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("expert offloading")
-    g.add_argument("--experts-per-layer", type=int, metavar="K",
-                   help="device slots per layer for experts (default: all; fewer turns offloading on)")
-    g.add_argument("--store", choices=["ram", "mmap"],
-                   help="host home of the experts: ram (loaded once, pinned on CUDA) or mmap (read in place)")
-    g.add_argument("--prefetch", choices=["off", "next"], default="next",
-                   help="load the next layer's guessed experts while this layer computes")
-    g.add_argument("--device-memory", type=float, metavar="GB",
-                   help="device budget in GiB; the expert slots get what dense weights, KV cache and "
-                        "activations leave (instead of --experts-per-layer)")
-    g.add_argument("--cache-policy", choices=live_policies(), default="lru", help="expert eviction policy")
 
 
 def dense_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:

@@ -23,13 +23,15 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import default_model_path
-from .config import DTYPES
-from .model import Transformer, load_model
-from .tokenizer import Tokenizer
+from .cli import DTYPE_NAMES, POSITIVE, add_version, check_model_dir, fail, front_door, guard_std_streams, read_text
+
+if TYPE_CHECKING:  # torch is imported after the arguments are parsed (fast --help)
+    import torch
+
+    from .model import Transformer
 
 
 def windows(n: int, ctx: int, stride: int) -> Iterator[tuple[int, int, int]]:
@@ -46,14 +48,16 @@ def windows(n: int, ctx: int, stride: int) -> Iterator[tuple[int, int, int]]:
             return
 
 
-@torch.inference_mode()
 def window_nll(model: Transformer, ids: torch.Tensor, bos: int, begin: int, end: int, first: int) -> torch.Tensor:
     """Sum of -log p(ids[j] | BOS, ids[begin:j]) over j in [first, end), in float64."""
+    import torch
+
     # T = end - begin + 1 (BOS + window), V = vocab; logits[i] predicts ids[begin + i]
-    x = torch.cat([ids.new_tensor([bos]), ids[begin:end]])[None]  # [1,T]
-    logits = model(x)[0, first - begin : end - begin].double()  # [scored,V]
-    target = ids[first:end]
-    return (torch.logsumexp(logits, -1) - logits.gather(1, target[:, None]).squeeze(1)).sum()
+    with torch.inference_mode():
+        x = torch.cat([ids.new_tensor([bos]), ids[begin:end]])[None]  # [1,T]
+        logits = model(x)[0, first - begin : end - begin].double()  # [scored,V]
+        target = ids[first:end]
+        return (torch.logsumexp(logits, -1) - logits.gather(1, target[:, None]).squeeze(1)).sum()
 
 
 def perplexity(model: Transformer, ids: list[int], bos: int, ctx: int, stride: int,
@@ -61,11 +65,17 @@ def perplexity(model: Transformer, ids: list[int], bos: int, ctx: int, stride: i
     """Sliding-window perplexity of text ids (without BOS); returns nll, tokens, timing."""
     if len(ids) < 1:
         raise ValueError("no tokens to score")
+    import torch
+
     device = model.embed.weight.device
     t = torch.tensor(ids, device=device)
     total, scored, t0 = 0.0, 0, time.perf_counter()
     for begin, end, first in windows(len(ids), ctx, stride):
-        total += float(window_nll(model, t, bos, begin, end, first))
+        nll = float(window_nll(model, t, bos, begin, end, first))
+        if not math.isfinite(nll):  # NaN/Inf logits: no perplexity to report, and never NaN in JSON
+            raise ValueError(f"text tokens {first}..{end - 1} (window from token {begin}): the model's "
+                             f"log-likelihood is {nll}; its weights or config (e.g. rms_norm_eps) are broken")
+        total += nll
         scored += end - first
         if progress:
             _bar(scored, len(ids), time.perf_counter() - t0)
@@ -86,14 +96,15 @@ def _bar(done: int, total: int, seconds: float, width: int = 30) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mixtral_lite.perplexity", description=__doc__.splitlines()[0])
+    add_version(p)
     p.add_argument("-m", "--model", type=Path, help="checkpoint folder or quantized store "
                    "(default: the shipped Austen model)")
-    p.add_argument("-f", "--file", type=Path, required=True, help="UTF-8 text file to score")
-    p.add_argument("-c", "--ctx", type=int, default=512, help="tokens per window, BOS included")
-    p.add_argument("--stride", type=int, help="window step in tokens (default: ctx // 2)")
-    p.add_argument("--max-tokens", type=int, help="score only the first N text tokens")
+    p.add_argument("-f", "--file", type=Path, required=True, help="UTF-8 text file to score (- = stdin)")
+    p.add_argument("-c", "--ctx", type=POSITIVE, default=512, help="tokens per window, BOS included (>= 2)")
+    p.add_argument("--stride", type=POSITIVE, help="window step in tokens (default: ctx // 2)")
+    p.add_argument("--max-tokens", type=POSITIVE, help="score only the first N text tokens")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
@@ -101,31 +112,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    with front_door():
+        _main(args)
+
+
+def _main(args) -> None:
+    guard_std_streams()
     model_dir = args.model or default_model_path()
-    if not (model_dir / "config.json").is_file():
-        raise SystemExit(f"error: -m/--model: {model_dir} is not a model folder (no config.json)")
-    if not args.file.is_file():
-        raise SystemExit(f"error: -f/--file: {args.file} does not exist")
+    check_model_dir(model_dir)
     stride = args.stride if args.stride is not None else max(1, args.ctx // 2)
     if args.ctx < 2 or not 1 <= stride <= args.ctx - 1:
-        raise SystemExit(f"error: need --ctx >= 2 and 1 <= --stride <= ctx - 1 (got {args.ctx}, {stride})")
+        raise fail(f"need --ctx >= 2 and 1 <= --stride <= ctx - 1 (got {args.ctx}, {stride})")
+    text = read_text(args.file)
+    import torch
+
+    from .config import DTYPES
+    from .model import load_model
+    from .tokenizer import Tokenizer
+
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda: no CUDA device is available (try --device cpu)")
+        raise fail("--device cuda: no CUDA device is available (try --device cpu)")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     tok = Tokenizer.from_dir(model_dir)
-    ids = tok.encode(args.file.read_text(encoding="utf-8"), bos=False)[: args.max_tokens]
+    ids = tok.encode(text, bos=False)[: args.max_tokens]
     if not ids:
-        raise SystemExit(f"error: -f/--file: {args.file} has no tokens")
+        raise fail(f"-f/--file: {args.file} has no tokens")
     model = load_model(model_dir, device=device, dtype=DTYPES[args.dtype])
     res = perplexity(model, ids, tok.bos_id, args.ctx, stride, progress=not args.no_progress)
     res |= {"model": str(model_dir), "file": str(args.file), "ctx": args.ctx, "stride": stride,
             "device": str(device), "dtype": args.dtype}
     if args.json:
-        print(json.dumps(res))
+        print(json.dumps(res, allow_nan=False))
     else:
         print(f"perplexity {res['perplexity']:.3f} over {res['tokens']} tokens "
-              f"(ctx {args.ctx}, stride {stride}) at {res['tokens_per_s']:.0f} tok/s")
+              f"(ctx {args.ctx}, stride {stride}) at {res['tokens_per_s']:.0f} tokens/s")
 
 
 if __name__ == "__main__":

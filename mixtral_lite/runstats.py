@@ -38,32 +38,51 @@ def expert_device_bytes(model) -> int:
 
 
 def write_json_atomic(path: str | Path, obj: dict) -> None:
+    """obj as JSON, written under a temporary name then renamed; NaN/Inf refuse (they are not JSON)."""
     path = Path(path)
+    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def format_stats(stats: dict) -> str:
-    """One human line per figure for stderr."""
+    """One human line per figure for stderr, each labelled so it reads one way."""
     mib = 1024 * 1024
+    on_cuda = str(stats.get("device", "")).startswith("cuda")
+    device = (f"CUDA peak allocated {stats['peak_device_bytes'] / mib:.1f} MiB" if on_cuda else
+              f"weights + KV cache + expert slots {stats['peak_device_bytes'] / mib:.1f} MiB")
     lines = [
-        f"load: {stats['load_s']:.2f} s   prompt: {stats['prompt_tokens']} tokens   "
-        f"time to first token: {stats['ttft_s'] * 1000:.1f} ms",
+        f"load: {stats['load_s']:.2f} s",
+        f"prompt eval: {stats['prompt_tokens']} tokens in {stats['ttft_s'] * 1000:.1f} ms "
+        f"({stats.get('prompt_tokens_per_s', 0.0):.1f} tokens/s; time to first token)",
         f"decode: {stats['generated_tokens']} tokens at {stats['decode_tokens_per_s']:.2f} tokens/s",
-        f"memory: peak RSS {stats['peak_rss_bytes'] / mib:.0f} MiB   "
-        f"peak device {stats['peak_device_bytes'] / mib:.1f} MiB",
+        f"memory: peak RSS {stats['peak_rss_bytes'] / mib:.0f} MiB   {device}",
     ]
     if "hit_rate" in stats:
-        recall = stats.get("prefetch_recall")  # None when prefetch is off (no guesses to score)
-        lines.append(
-            f"experts: hit rate {stats['hit_rate'] or 0:.3f} ({stats['expert_hits']} hits, "
-            f"{stats['expert_misses']} misses)   prefetch recall {'-' if recall is None else f'{recall:.3f}'} "
-            f"({stats.get('prefetch_used', 0)}/{stats.get('prefetch_issued', 0)} used)")
-        lines.append(
-            f"transfers: {stats['bytes_host_to_device'] / mib:.1f} MiB host->device, "
-            f"{(stats['bytes_per_token'] or 0) / mib:.2f} MiB/token   stall {stats['stall_s']:.3f} s   "
-            f"expert pool {stats['device_expert_bytes'] / mib:.1f} MiB")
+        lines += _expert_lines(stats)
     return "\n".join(lines)
+
+
+def _expert_lines(stats: dict) -> list[str]:
+    mib = 1024 * 1024
+    lines = [f"experts: hit rate {stats['hit_rate'] or 0:.3f} ({stats['expert_hits']} hits, "
+             f"{stats['expert_misses']} misses over prompt and generated tokens)"]
+    recall = stats.get("prefetch_recall")  # None when prefetch is off (no guesses to score)
+    if recall is None:
+        lines.append("prefetch: off")
+    else:
+        lines.append(f"prefetch: recall {recall:.3f} (share of the chosen experts that the guess named); "
+                     f"{stats.get('prefetch_issued', 0)} experts loaded by guess, "
+                     f"{stats.get('prefetch_used', 0)} of them used before eviction")
+    per_token = (stats["bytes_per_token"] or 0) / mib
+    lines.append(
+        f"transfers: {stats['bytes_host_to_device'] / mib:.1f} MiB host->device, {per_token:.2f} MiB per token "
+        f"(prompt tokens included)   stall {stats['stall_s']:.3f} s   "
+        f"expert slots {stats['device_expert_bytes'] / mib:.1f} MiB")
+    return lines

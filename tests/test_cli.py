@@ -63,20 +63,22 @@ def test_sampling_is_seeded(mixtral_ref, tmp_path, capsys):
     (["-p", ""], "the prompt is empty"),
     (["-p", "x", "-f", "y"], "either -p/--prompt or -f/--file"),
     (["-f", "/nonexistent/prompt.txt"], "-f/--file: /nonexistent/prompt.txt does not exist"),
-    (["-p", "x", "-n", "-1"], "-n/--max-new-tokens must be >= 0"),
+    (["-p", "x", "-n", "-1"], "-n/--max-new-tokens: -1 is out of range: must be >= 0"),
     (["-p", "x", "--top-p", "0"], "--top-p"),
-    (["-p", "x", "-t", "0"], "-t/--threads must be >= 1"),
+    (["-p", "x", "-t", "0"], "-t/--threads: 0 is out of range: must be >= 1"),
     (["-p", "x", "--temperature", "-1"], "--temperature"),
 ])
-def test_bad_input(mixtral_ref, argv, message):
+def test_bad_input(mixtral_ref, argv, message, capsys):
     with pytest.raises(SystemExit) as err:
         main(["-m", str(mixtral_ref[1]), *argv])
-    assert message in str(err.value)
+    assert err.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_missing_model_folder(tmp_path):
-    with pytest.raises(SystemExit, match="is not a model folder"):
+    with pytest.raises(SystemExit, match="nope does not exist"):
         main(["-m", str(tmp_path / "nope"), "-p", "x"])
+    with pytest.raises(SystemExit, match="is not a model folder"):
+        main(["-m", str(tmp_path), "-p", "x"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
@@ -108,3 +110,69 @@ def test_closed_stdout_stops_quietly(mixtral_ref):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 1
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_defaults_seed_threads_resident_on_cpu(capsys):
+    """The shipped model: resident on the CPU (offloading there only costs time), a random printed seed,
+    threads chosen and printed; an explicit K offloads and shows the cache figures; --device-memory works."""
+    from mixtral_lite import default_model_path
+
+    out = run_cli(capsys, "-p", "Emma", "-n", 3)
+    assert "seed: " in out.err and "threads: " in out.err and "experts:" not in out.err
+    assert "prompt eval:" in out.err and "weights + KV cache + expert slots" in out.err
+    out = run_cli(capsys, "-p", "Emma", "-n", 3, "-t", 1, "-s", 5, "--experts-per-layer", 4)
+    assert "seed: " not in out.err and "threads: " not in out.err
+    assert "experts: hit rate" in out.err and "prefetch: recall" in out.err and "MiB per token" in out.err
+    out = run_cli(capsys, "-m", default_model_path(), "-p", "Emma", "-n", 2, "-t", 1, "--device-memory", 1)
+    assert "-> 8 experts per layer" in out.err and "experts: hit rate" in out.err
+
+
+def test_window_sizes_and_warnings(mixtral_ref, tmp_path, capsys):
+    _, path = mixtral_ref
+    f = tmp_path / "s.json"
+    run_cli(capsys, "-m", path, "-p", "Hello", "-n", 3, "-c", 100_000_000, "-t", 1, "--stats-json", f)
+    assert json.loads(f.read_text())["window"] == 3 + 2  # what the text needs, not 100M slots (38 GB)
+    out = run_cli(capsys, "-m", path, "-p", "Hello there", "-n", 6, "-c", 4, "-t", 1)
+    assert "exceed the KV window (-c 4) of a model without a sliding window" in out.err
+    small = tmp_path / "m"
+    import shutil
+
+    from refs import rewrite_config
+
+    shutil.copytree(path, small)
+    rewrite_config(small, max_position_embeddings=4)
+    out = run_cli(capsys, "-m", small, "-p", "Hello", "-n", 6, "-t", 1)
+    assert "pass the model's trained context (max_position_embeddings 4)" in out.err
+
+
+def test_dry_run_needs_only_config(mixtral_ref, tmp_path, capsys):
+    only = tmp_path / "cfg"
+    only.mkdir()
+    (only / "config.json").write_bytes((mixtral_ref[1] / "config.json").read_bytes())
+    f = tmp_path / "plan.json"
+    out = run_cli(capsys, "-m", only, "--dry-run", "--experts-per-layer", 2, "-c", 256, "--stats-json", f)
+    plan = json.loads(f.read_text())
+    assert plan["experts_per_layer"] == 2 and plan["store"] == "ram" and plan["window"] == 256
+    assert plan["expert_slot_bytes"] == 3 * 64 * 96 * 4 and plan["kv_cache_bytes"] == 2 * 3 * 256 * 2 * 16 * 4
+    assert "expert slots" in out.out and "KV cache" in out.out and "host RAM" in out.out
+
+
+def test_model_vocab_larger_than_tokenizer(mixtral_ref, tmp_path, capsys):
+    """Padded vocabulary: the ids without a tokenizer piece are never sampled (they were: a crash mid-run)."""
+    import shutil
+
+    from refs import rewrite_config
+    from safetensors.torch import load_file, save_file
+
+    big = tmp_path / "big"
+    shutil.copytree(mixtral_ref[1], big)
+    t = load_file(big / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        t[name] = torch.cat([t[name], torch.full((64, t[name].shape[1]), 5.0)])  # padded rows would win
+    save_file(t, big / "model.safetensors", metadata={"format": "pt"})
+    rewrite_config(big, vocab_size=32064)
+    f = tmp_path / "s.json"
+    out = run_cli(capsys, "-m", big, "-p", "Hi", "-n", 8, "--temperature", 0, "--ignore-eos", "-t", 1,
+                  "--stats-json", f)
+    assert "ids without a piece are never sampled" in out.err
+    assert max(json.loads(f.read_text())["generated_ids"]) < 32000

@@ -100,13 +100,19 @@ def test_build_turns_offloading_on_only_when_asked(mixtral_ref):
     (("--experts-per-layer", "1"), r"--experts-per-layer 1: must be between experts_per_tok \(2\) and "
                                    r"num_experts \(4\)"),
     (("--experts-per-layer", "5"), "--experts-per-layer 5: must be between"),
-    (("--device-memory", "-1"), "--device-memory -1: must be a positive"),
     (("--device-memory", "1", "--experts-per-layer", "2"), "either --experts-per-layer or --device-memory"),
 ])
 def test_bad_flags_name_the_flag(mixtral_ref, argv, message):
     _, path = mixtral_ref
     with pytest.raises(SystemExit, match=message):
         offloading.build(parse(*argv), ModelConfig.from_dir(path), torch.device("cpu"), torch.float32)
+
+
+def test_device_memory_must_be_positive_and_finite(capsys):
+    for bad in ("-1", "0", "nan", "inf"):  # refused while parsing, before anything loads
+        with pytest.raises(SystemExit):
+            parse("--device-memory", bad)
+        assert f"--device-memory: {bad} must be a finite number > 0" in capsys.readouterr().err
 
 
 def test_cache_policy_offers_live_policies_only(resident, capsys):

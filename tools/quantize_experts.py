@@ -40,9 +40,10 @@ import torch
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ is a folder of scripts, not a package
+from quantize_checks import check_flags, store_differences  # noqa: E402
 from store_writing import Journal, Progress, StreamWriter, atomic_write  # noqa: E402
 
-from mixtral_lite.checkpoint import INDEX, SINGLE, Checkpoint, CheckpointError, expert_name, shard_map
+from mixtral_lite.checkpoint import INDEX, SINGLE, Checkpoint, CheckpointError, check_finite, expert_name, shard_map
 from mixtral_lite.qstore import DENSE, FORMAT, MANIFEST, VERSION, DenseSettings, expert_matrices, expert_tensor
 from offload.kernels import INT4_GROUPS
 from offload.packing import pack_into
@@ -172,6 +173,7 @@ class Converter:
         crcs = {}
         for name, tag, _, _ in plan:
             t = self._src(name).get_tensor(name)
+            check_finite(t, self.ckpt.file_of(name), name)  # a NaN must not become a store without a word
             if tag == "U8":
                 kind, spec = self.dense_kinds[name]
                 t = quantize_dense(t, kind, spec, self.device, self.method)
@@ -299,8 +301,12 @@ def convert(src: str | Path, dst: str | Path, spec: QuantSpec, dense: DenseSetti
             raise QuantizeError(f"{dst}: not empty; pass --resume to continue an interrupted run "
                                 "or choose an empty folder")
         if (dst / MANIFEST).is_file():
+            differs = store_differences(json.loads((dst / MANIFEST).read_text()), c)
+            if differs:
+                raise QuantizeError(f"{dst}: a complete store made with other settings ({'; '.join(differs)}); "
+                                    "choose an empty DST to quantize again")
             c.journal.path.unlink(missing_ok=True)  # killed after the manifest, before this cleanup
-            print(f"{dst}: already a complete store; nothing to do", file=sys.stderr)
+            print(f"{dst}: already a complete store with these settings; nothing to do", file=sys.stderr)
             return dst
         if not c.journal.path.is_file():
             raise QuantizeError(f"{dst}: has files but no {JOURNAL}: not an interrupted quantization")
@@ -318,15 +324,13 @@ def convert(src: str | Path, dst: str | Path, spec: QuantSpec, dense: DenseSetti
 
 
 def _settings(a) -> tuple[QuantSpec, DenseSettings]:
-    for flag, v in (("--group-size", a.group_size), ("--attn-group-size", a.attn_group_size)):
-        if v is not None and v < 1:
-            raise QuantizeError(f"{flag} must be a positive multiple of 8, got {v}")
-    spec = QuantSpec(a.bits, a.group_size or DEFAULT_GROUP[a.bits], a.axis, a.meta_bits)
+    group = DEFAULT_GROUP[a.bits] if a.group_size is None else a.group_size  # 0 is an error, not "default"
+    spec = QuantSpec(a.bits, group, a.axis, a.meta_bits)
     if spec.bits <= 4 and (spec.axis != 1 or spec.group_size not in INT4_GROUPS):
         print(f"warning: --bits {spec.bits} --group-size {spec.group_size} --axis {spec.axis}: torch's fused int4 "
               f"kernel needs --axis 1 and a group size in {INT4_GROUPS}; this store will be dequantized at every "
               "use (several times slower)", file=sys.stderr)
-    attn = QuantSpec(4, a.attn_group_size or 64, 1, 16) if a.attn_bits == 4 else None
+    attn = QuantSpec(4, 64 if a.attn_group_size is None else a.attn_group_size, 1, 16) if a.attn_bits == 4 else None
     return spec, DenseSettings(attn, a.attn_bits == 8, a.head_bits, a.embed_bits)
 
 
@@ -356,15 +360,33 @@ def main(argv: list[str] | None = None) -> int:
                    help="device for the quantizer's arithmetic (default: cuda if available, else cpu)")
     a = p.parse_args(argv)
     try:
+        return _run(a)
+    finally:
+        Progress.line_open = False
+
+
+def _run(a) -> int:
+    try:
+        check_flags(a)
         spec, dense = _settings(a)
-        if a.shard_mb < 1:
-            raise QuantizeError(f"--shard-mb must be positive, got {a.shard_mb}")
         convert(a.src, a.dst, spec, dense, a.shard_mb << 20, a.resume, a.device, method=a.method)
     except (QuantizeError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(str(e))
         return 2
+    except OSError as e:  # disk full, permissions: the journal keeps what was done
+        where = f"{e.filename}: " if e.filename else f"writing {a.dst}: "
+        _error(f"{where}{e.strerror or e}; fix it and run the same command with --resume to continue "
+               "(finished experts are kept)")
+        return 2
+    except KeyboardInterrupt:
+        _error(f"interrupted; run the same command with --resume to continue in {a.dst}")
+        return 130
     print(f"wrote {a.dst}", file=sys.stderr)
     return 0
+
+
+def _error(message: str) -> None:
+    print(("\n" if Progress.line_open else "") + f"error: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,8 @@ class StreamWriter:
 class Progress:
     """One stderr line: done/total, percent, elapsed, ETA from this run's rate."""
 
+    line_open = False  # a progress line without its newline is on stderr (an error must start a new line)
+
     def __init__(self, total: int, done: int, enabled: bool = True):
         self.total, self.start_done, self.t0, self.enabled = total, done, time.monotonic(), enabled
 
@@ -72,6 +74,7 @@ class Progress:
         eta = (self.total - done) / rate if rate > 0 else float("nan")
         fmt = lambda s: "?" if s != s else f"{int(s) // 60}:{int(s) % 60:02d}"  # noqa: E731
         end = "\n" if done == self.total else ""
+        Progress.line_open = not end
         print(f"\rquantize: {done}/{self.total} experts ({100 * done / self.total:.0f}%) {label} "
               f"elapsed {fmt(dt)} ETA {fmt(eta)}   ", end=end, file=sys.stderr, flush=True)
 

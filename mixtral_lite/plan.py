@@ -1,0 +1,79 @@
+"""`generate --dry-run`: the memory plan of a run, from config.json and the flags alone.
+
+No weight is read, so a user can size a run (and choose -c, K, --store) before downloading a
+checkpoint: a folder holding only the model's config.json is enough (plus manifest.json for a
+quantized store). The figures are the ones the loader allocates: dense weights and expert
+slots in the compute dtype, the KV cache of the window, an upper estimate of activations, and
+the experts' host home (RAM, pinned on CUDA, or a memory-mapped file the page cache holds).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import DTYPES, ModelConfig
+from .offloading import GIB, dense_bytes, runtime_bytes, slots_for_budget
+
+MIB = 1 << 20
+
+
+def expert_bytes(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+    """(bytes of one expert in a device slot, bytes of one expert in its host home)."""
+    manifest = model_dir / "manifest.json"
+    if manifest.is_file():  # quantized store: packed bytes both places
+        n = int(json.loads(manifest.read_text()).get("experts", {}).get("nbytes", 0))
+        return n, n
+    weights = 3 * cfg.intermediate_size * cfg.hidden_size
+    file_dtype = DTYPES[cfg.dtype]
+    slot_dtype = dtype if device.type == "cpu" else file_dtype  # CPU slots hold the compute dtype
+    return weights * slot_dtype.itemsize, weights * file_dtype.itemsize
+
+
+def make_plan(args, cfg: ModelConfig, model_dir: Path, device: torch.device, dtype: torch.dtype,
+              window: int) -> dict:
+    """The figures --dry-run prints; K as the run would choose it."""
+    kv, act = runtime_bytes(cfg, dtype, window, args.batch_size)
+    plan = {"model": str(model_dir), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+            "window": window, "dense_bytes": dense_bytes(cfg, dtype), "kv_cache_bytes": kv,
+            "activation_bytes": act}
+    if cfg.is_moe:
+        slot, host = expert_bytes(cfg, model_dir, dtype, device)
+        k = args.experts_per_layer
+        if args.device_memory is not None:
+            k = slots_for_budget(args, cfg, dtype, slot)
+        k = k or cfg.num_experts
+        offloaded = k < cfg.num_experts or args.store is not None or (model_dir / "manifest.json").is_file()
+        store = (args.store or "ram") if offloaded else "resident"
+        all_host = cfg.num_layers * cfg.num_experts * host
+        plan |= {"experts_per_layer": k, "num_experts": cfg.num_experts, "store": store,
+                 "expert_slot_bytes": slot, "device_expert_bytes": cfg.num_layers * k * slot,
+                 "host_expert_bytes": all_host if store == "ram" else 0,
+                 "pinned_bytes": all_host if store == "ram" and device.type == "cuda" else 0,
+                 "mmapped_bytes": all_host if store == "mmap" else 0}
+    device_total = plan["dense_bytes"] + kv + act + plan.get("device_expert_bytes", 0)
+    plan["device_total_bytes"] = device_total
+    plan["host_ram_bytes"] = plan.get("host_expert_bytes", 0) + (device_total if device.type == "cpu" else 0)
+    return plan
+
+
+def format_plan(plan: dict) -> str:
+    def gib(key: str) -> str:
+        return f"{plan[key] / GIB:.2f} GiB" if plan[key] >= GIB else f"{plan[key] / MIB:.1f} MiB"
+
+    where = "CUDA device" if plan["device"].startswith("cuda") else "CPU (the device is RAM)"
+    lines = [f"plan for {plan['model']} on {where}, {plan['dtype']}, KV window {plan['window']} tokens",
+             f"  dense weights        {gib('dense_bytes')}",
+             f"  KV cache             {gib('kv_cache_bytes')}",
+             f"  activations (max)    {gib('activation_bytes')}"]
+    if "experts_per_layer" in plan:
+        lines += [f"  expert slots         {gib('device_expert_bytes')} ({plan['experts_per_layer']} of "
+                  f"{plan['num_experts']} per layer, {plan['expert_slot_bytes'] / MIB:.1f} MiB each; "
+                  f"store: {plan['store']})",
+                  f"  host expert store    {gib('host_expert_bytes')} (pinned {gib('pinned_bytes')}, "
+                  f"memory-mapped {gib('mmapped_bytes')})"]
+    lines += [f"  device total         {gib('device_total_bytes')}",
+              f"  host RAM (at least)  {gib('host_ram_bytes')}"]
+    return "\n".join(lines)
