@@ -1,10 +1,11 @@
-"""Quality and size of HQQ-quantized experts (and attention), like the Mixtral-offloading paper's Table 1.
+"""Quality and size of quantized stores, like the Mixtral-offloading paper's Table 1.
 
     python benchmarks/quant_quality.py [-m MODEL] [--text austen-valid.txt] [--quick] [--json]
 
-For each setting (experts 16/8/4/3/2-bit x attention 16/4-bit) the model is quantized with
-tools/quantize_experts.py into a scratch folder, loaded through the quantized store (experts
-in the offload engine, all resident), and measured:
+For each setting (experts 16/8/4/3/2-bit, hqq or round-to-nearest, x dense weights kept 16-bit or
+quantized as tools/quantize_experts.py does by default: attention int4 g64, lm_head and embeddings
+int8) the model is quantized into a scratch folder, loaded through the quantized store (experts in
+the offload engine, all resident, on the fused kernels where they apply), and measured:
 
 - bits/weight of the experts INCLUDING metadata (every byte of the packed buffer), and the
   bytes of one packed expert at this model's size and, computed from the same layout code,
@@ -12,7 +13,10 @@ in the offload engine, all resident), and measured:
 - perplexity on held-out text with mixtral_lite.perplexity (windows of --ctx tokens with BOS,
   advancing by --stride, every token scored once);
 - relative logit error vs the unquantized model: ||L_q - L||_F / ||L||_F, averaged over the
-  first --err-windows disjoint windows.
+  first --err-windows disjoint windows;
+- the fused kernels against the dequantize-then-multiply path on the same store: their relative
+  logit error, and the share of --agree-tokens greedy tokens after each of --agree-prompts prompts
+  (cut from the text) on which the two paths agree, position by position.
 
 Writes benchmarks/results/quant_quality.json (atomically) and prints a markdown table.
 """
@@ -31,13 +35,13 @@ import torch
 
 from mixtral_lite import default_model_path
 from mixtral_lite.config import ModelConfig
+from mixtral_lite.generation import generate
 from mixtral_lite.model import load_model
 from mixtral_lite.perplexity import perplexity
-from mixtral_lite.qstore import expert_matrices
+from mixtral_lite.qstore import DenseSettings, expert_matrices
 from mixtral_lite.runstats import write_json_atomic
 from mixtral_lite.tokenizer import Tokenizer
-from offload.packing import pack_into, views
-from offload.quant import HQQCodec, QuantSpec, bits_per_weight, expert_layout, quantize_expert
+from offload.quant import QuantSpec, bits_per_weight, expert_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -47,19 +51,21 @@ _spec = importlib.util.spec_from_file_location("quantize_experts", ROOT / "tools
 qe = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(qe)
 
-# (label, expert spec or None = source weights); the 2- and 3-bit rows meet the <= 3.0 / <= 3.5 budgets
+# (label, expert spec or None = source weights, method); the 2- and 3-bit rows meet the <= 3.0 / <= 3.5 budgets
 EXPERTS = [
-    ("16-bit", None),
-    ("8-bit g128", QuantSpec(8, 128, 0, 16)),
-    ("4-bit g64", QuantSpec(4, 64, 0, 8)),
-    ("3-bit g128", QuantSpec(3, 128, 0, 8)),
-    ("3-bit g64 axis1", QuantSpec(3, 64, 1, 8)),
-    ("2-bit g16", QuantSpec(2, 16, 0, 8)),
-    ("2-bit g32", QuantSpec(2, 32, 0, 8)),
-    ("2-bit g32 axis1", QuantSpec(2, 32, 1, 8)),
+    ("16-bit", None, None),
+    ("8-bit g128", QuantSpec(8, 128, 1, 16), "hqq"),
+    ("4-bit g64", QuantSpec(4, 64, 1, 8), "hqq"),
+    ("4-bit g64 rtn", QuantSpec(4, 64, 1, 8), "rtn"),
+    ("3-bit g128", QuantSpec(3, 128, 1, 8), "hqq"),
+    ("3-bit g64", QuantSpec(3, 64, 1, 8), "hqq"),
+    ("2-bit g32", QuantSpec(2, 32, 1, 8), "hqq"),
+    ("2-bit g32 rtn", QuantSpec(2, 32, 1, 8), "rtn"),
 ]
-ATTENTION = [("16-bit", None), ("4-bit g64", QuantSpec(4, 64, 0, 16))]
+DENSE = [("16-bit", DenseSettings()),
+         ("int4 attn, int8 head/embed", DenseSettings(QuantSpec(4, 64, 1, 16), False, 8, 8))]
 QUICK_EXPERTS = ("16-bit", "4-bit g64", "3-bit g128", "2-bit g32")
+AGREE_PROMPT = 64  # prompt tokens of each greedy-agreement prompt
 
 
 def eval_ids(model_dir: Path, text: Path, max_tokens: int | None) -> tuple[list[int], int]:
@@ -96,54 +102,59 @@ def sizes(cfg: ModelConfig, spec: QuantSpec | None) -> dict:
             "bits_per_weight_mixtral": bits_per_weight(expert_layout(MIXTRAL, spec), MIXTRAL)}
 
 
-def fake_quant_attention(model, spec: QuantSpec) -> None:
-    """Replace attention weights by their quantize -> dequantize: what the store's load-time path gives."""
-    for block in model.layers:
-        attn = block.attn
-        qkv = attn.qkv_proj.weight.data  # q, k and v are separate matrices in the store: quantize each
-        for w in (*(qkv[rows] for rows in attn.qkv_rows().values()), attn.o_proj.weight.data):
-            layout = expert_layout({"w": tuple(w.shape)}, spec)
-            buf = torch.zeros(layout.nbytes, dtype=torch.uint8)
-            pack_into(buf, layout, quantize_expert({"w": w.cpu()}, spec, "cpu"))
-            codec = HQQCodec({"w": tuple(w.shape)}, spec, w.device, w.dtype)
-            w.copy_(codec.decode(views(buf.to(w.device), layout))[0])
+@torch.inference_mode()
+def agreement(fused, ref, ids: list[int], bos: int, args) -> tuple[float, float]:
+    """(share of greedy tokens the fused path shares with the dequantized one, their relative logit error)."""
+    step = len(ids) // max(args.agree_prompts, 1)
+    prompts = [[bos] + ids[i * step : i * step + AGREE_PROMPT] for i in range(args.agree_prompts)]
+    a = generate(fused, prompts, args.agree_tokens, window=AGREE_PROMPT + args.agree_tokens + 1)
+    b = generate(ref, prompts, args.agree_tokens, window=AGREE_PROMPT + args.agree_tokens + 1)
+    same = sum(x == y for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True))
+    x = torch.tensor([prompts[0]])
+    lf, lr = fused(x)[0].float(), ref(x)[0].float()
+    return same / sum(len(r) for r in a), ((lf - lr).norm() / lr.norm()).item()
 
 
-def run_setting(src: Path, work: Path, e_label: str, e_spec, a_label: str, a_spec, ids, bos, ref, args) -> dict:
+def run_setting(src: Path, work: Path, e_label: str, e_spec, method, d_label: str, dense, ids, bos, ref,
+                args) -> dict:
     cfg = ModelConfig.from_dir(src)
-    row = {"experts": e_label, "attention": a_label, "expert_spec": e_spec and e_spec.to_dict(),
-           "attention_spec": a_spec and a_spec.to_dict(), **sizes(cfg, e_spec)}
+    row = {"experts": e_label, "dense": d_label, "method": method, "expert_spec": e_spec and e_spec.to_dict(),
+           "dense_settings": dense.to_dict(), **sizes(cfg, e_spec)}
     t0 = time.perf_counter()
-    if e_spec is None:  # source experts (a store always quantizes them); quantized attention applied in memory
+    if e_spec is None:  # source weights (a store always quantizes the experts)
         model = load_model(src, device=args.device, dtype=torch.float32)
-        if a_spec is not None:
-            fake_quant_attention(model, a_spec)
     else:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # small matrices: hqq's many tiny ops run faster on one thread
         try:
-            dst = qe.convert(src, work / f"{e_label}-{a_label}".replace(" ", "_"), e_spec, a_spec,
-                             device=args.device, progress=False)
+            dst = qe.convert(src, work / f"{e_label}-{d_label}".replace(" ", "_").replace("/", "_"), e_spec, dense,
+                             device=args.device, progress=False, method=method)
         finally:
             torch.set_num_threads(threads)
         row["quantize_s"] = time.perf_counter() - t0
         model = load_model(dst, device=args.device, dtype=torch.float32)  # experts via the offload engine
+        row["kernels"] = model.kernel_notes
+        if args.agree_prompts:
+            deq = load_model(dst, device=args.device, dtype=torch.float32, fused=False)
+            row["fused_token_agreement"], row["fused_vs_dequant_logit_error"] = agreement(model, deq, ids, bos, args)
     row["perplexity"], row["rel_logit_error"] = evaluate(model, ids, bos, args, ref)
     row["seconds"] = time.perf_counter() - t0
     return row
 
 
 def table(rows: list[dict]) -> str:
-    base = next(r["perplexity"] for r in rows if r["experts"] == "16-bit" and r["attention"] == "16-bit")
-    out = ["| experts | attention | bits/weight (experts, incl. metadata) | bytes/expert (this model) "
-           "| bytes/expert (Mixtral-8x7B) | perplexity | vs 16-bit | rel. logit error |",
-           "|---|---|---|---|---|---|---|---|"]
+    base = next(r["perplexity"] for r in rows if r["experts"] == "16-bit" and r["dense"] == "16-bit")
+    out = ["| experts | dense | bits/weight (experts, incl. metadata) | bytes/expert (Mixtral-8x7B) | perplexity "
+           "| vs 16-bit | rel. logit error | fused = dequant greedy tokens | fused vs dequant logit error |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        err = "-" if r["rel_logit_error"] is None else f"{r['rel_logit_error']:.4f}"
         mix = f"{r['expert_bytes_mixtral'] / 2**20:.1f} MiB ({r.get('bits_per_weight_mixtral', 16.0):.3f} b/w)"
-        out.append(f"| {r['experts']} | {r['attention']} | {r['bits_per_weight']:.3f} | {r['expert_bytes']:,} "
-                   f"| {mix} | {r['perplexity']:.3f} "
-                   f"| {100 * (r['perplexity'] / base - 1):+.2f}% | {err} |")
+        agree = r.get("fused_token_agreement")
+        agree = "-" if agree is None else f"{100 * agree:.1f}%"
+        ferr = r.get("fused_vs_dequant_logit_error")
+        ferr = "-" if ferr is None else f"{ferr:.4f}"
+        out.append(f"| {r['experts']} | {r['dense']} | {r['bits_per_weight']:.3f} | {mix} | {r['perplexity']:.3f} "
+                   f"| {100 * (r['perplexity'] / base - 1):+.2f}% | {r['rel_logit_error']:.4f} | {agree} | {ferr} |")
     return "\n".join(out)
 
 
@@ -157,13 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--err-windows", type=int, default=4, help="windows of ctx tokens for the logit error")
     p.add_argument("--only", nargs="+", metavar="LABEL", help="expert settings to run (labels as in the table; "
                    "16-bit is always run: it is the baseline)")
+    p.add_argument("--agree-prompts", type=int, default=8, help="prompts for the fused-vs-dequant greedy check")
+    p.add_argument("--agree-tokens", type=int, default=32, help="greedy tokens per agreement prompt")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="4 expert settings, 512 tokens, ctx 128")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/quant_quality[-quick].json)")
     p.add_argument("--json", action="store_true", help="also print the JSON as the last stdout line")
     args = p.parse_args(argv)
     if args.quick:
-        args.ctx, args.max_tokens, args.err_windows = 128, 512, 2
+        args.ctx, args.max_tokens, args.err_windows, args.agree_prompts, args.agree_tokens = 128, 512, 2, 2, 8
     keep = set(QUICK_EXPERTS if args.quick else args.only or [e[0] for e in EXPERTS]) | {"16-bit"}
     unknown = keep - {e[0] for e in EXPERTS}
     if unknown:
@@ -184,12 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     del ref_model
     rows = []
     with tempfile.TemporaryDirectory(prefix="quant_quality-") as work:
-        for e_label, e_spec in experts:
-            for a_label, a_spec in ATTENTION:
-                rows.append(run_setting(args.model, Path(work), e_label, e_spec, a_label, a_spec, ids, bos, ref, args))
+        for e_label, e_spec, method in experts:
+            for d_label, dense in DENSE if e_spec is not None else DENSE[:1]:
+                rows.append(run_setting(args.model, Path(work), e_label, e_spec, method, d_label, dense, ids, bos,
+                                        ref, args))
                 r = rows[-1]
-                print(f"{e_label:>16} experts, {a_label:>9} attention: {r['bits_per_weight']:.3f} bits/weight, "
-                      f"ppl {r['perplexity']:.3f}, logit err {r['rel_logit_error']:.4f}", file=sys.stderr)
+                print(f"{e_label:>14} experts, {d_label:>26} dense: {r['bits_per_weight']:.3f} bits/weight, "
+                      f"ppl {r['perplexity']:.3f}, logit err {r['rel_logit_error']:.4f}, "
+                      f"fused=dequant {r.get('fused_token_agreement')}", file=sys.stderr)
     result = {"model": str(args.model), "text": str(args.text), "ctx": args.ctx, "stride": args.stride or args.ctx // 2,
               "scored_tokens": len(ids), "err_windows": len(ref),
               "device": args.device, "torch": torch.__version__, "rows": rows}
