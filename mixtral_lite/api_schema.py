@@ -56,6 +56,7 @@ class Sampling(BaseModel):
     seed: StrictInt | None = None
     stop: StrictStr | list[StrictStr] | None = Field(None)
     n: StrictInt = Field(1, ge=1, le=1)
+    ignore_eos: StrictBool = False  # an extension (llama-server): keep going past the end-of-sequence token
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
 

@@ -160,7 +160,8 @@ def _params(req: Sampling, ids: list[int], window: int, d: Defaults) -> Params:
     seed = req.seed if req.seed is not None else secrets.randbits(31)
     return Params(max_tokens=req.max_tokens or max(window - len(ids), 1),
                   temperature=float(pick(req.temperature, d.temperature)), top_k=pick(req.top_k, d.top_k),
-                  top_p=float(pick(req.top_p, d.top_p)), seed=seed, stop=req.stops())
+                  top_p=float(pick(req.top_p, d.top_p)), seed=seed, stop=req.stops(),
+                  ignore_eos=req.ignore_eos)
 
 
 async def _answer(scheduler: Scheduler, req: Sampling, ids: list[int], model_name: str, d: Defaults, chat: bool):
