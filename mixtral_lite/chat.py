@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p)
     p.add_argument("--system", help="system prompt (folded into the first user turn, as Mistral's template does)")
     p.add_argument("-n", "--max-new-tokens", type=int, default=512, help="longest answer, in tokens")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-sequence token")
     return p
 
 
@@ -39,7 +40,7 @@ class Chat:
         messages = [*system, *self.history, {"role": "user", "content": text}]
         a = self.args
         params = Params(max_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                        seed=a.seed)
+                        seed=a.seed, ignore_eos=a.ignore_eos)
         gen = Generation(self.session.tok.encode_chat(messages), params)
         previous = signal.signal(signal.SIGINT, lambda signum, frame: gen.cancelled.set())
         pieces = []
