@@ -43,7 +43,8 @@ def test_chat_page_streams_a_reply(tmp_path):
     expected = session.tok.decode(generate(session.model, [ids], 12, window=session.window,
                                            eos_id=session.tok.eos_id)[0])
     with running_server(tmp_path) as url:
-        browser = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-port=0",
+        browser = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+                                    "--remote-debugging-port=0",
                                     f"--user-data-dir={tmp_path / 'profile'}", "--window-size=900,700", "about:blank"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
