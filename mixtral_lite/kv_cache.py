@@ -63,6 +63,28 @@ class RollingKVCache:
         self.index = 0
         self._marked = 0  # slot_index/valid describe every token before this index
 
+    def truncate(self, num_tokens: int) -> bool:
+        """Keep the first num_tokens tokens and forget the rest (prompt reuse); False when impossible.
+
+        Only while no slot was ever reused (index <= W) is slot i still holding index i, so a
+        prefix is intact; after the ring wrapped the caller must prefill again. Unpadded only.
+        """
+        if self.padded or not 0 <= num_tokens <= self.index or self.index > self.window:
+            return False
+        self._write_unmarked()
+        self.slot_index[num_tokens : self.index] = -1
+        self.valid[:, num_tokens : self.index] = False
+        self.index = self._marked = num_tokens
+        return True
+
+    def select_rows(self, rows: list[int]) -> None:
+        """Keep only these batch rows (finished requests leave a batch); copies the kept rows once."""
+        idx = torch.tensor(rows, device=self.pad.device)
+        self._write_unmarked()
+        self.k, self.v = self.k.index_select(1, idx), self.v.index_select(1, idx)
+        self.valid, self.pad = self.valid.index_select(0, idx), self.pad.index_select(0, idx)
+        self.batch = len(rows)
+
     def positions(self, num_tokens: int) -> torch.Tensor:
         """RoPE positions [B, T] of the next num_tokens tokens (negative for padding)."""
         idx = torch.arange(self.index, self.index + num_tokens, device=self.pad.device)
