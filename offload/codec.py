@@ -77,6 +77,11 @@ class PlainCodec:
             raw = p.src[e.offset - p.offset : e.offset - p.offset + e.nbytes]
             slot_views[e.name].copy_(raw.view(torch_dtype(e.dtype)).view(e.shape))
 
+    def convert(self, src: dict[str, torch.Tensor], slot_views: dict[str, torch.Tensor]) -> None:
+        """Packed views `src` (already on the slot's device) -> a slot of `slot_layout`, casting."""
+        for e in self.layout.entries:
+            slot_views[e.name].copy_(src[e.name])
+
     def decode(self, views: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         out = []
         for n in self.names:

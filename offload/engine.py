@@ -30,7 +30,7 @@ from offload.packing import Layout, views
 from offload.prefetch import Prefetcher
 from offload.stats import OffloadStats
 from offload.store import ExpertStore
-from offload.transfer import make_transfer
+from offload.transfer import Transfer, make_transfer
 
 
 def group_by_expert(ids_host: list[list[int]]) -> dict[int, tuple[list[int], list[int]]]:
@@ -68,7 +68,9 @@ class OffloadEngine:
     def __init__(
         self, store: ExpertStore, codec: ExpertCodec, expert_fn: Callable[..., torch.Tensor],
         slots: int, device: torch.device | str, policy: str = "lru", prefetch: bool = True,
+        transfer: Callable[[int, int], Transfer] | None = None,
     ):
+        """transfer: (num_slots, nbytes) -> Transfer, instead of make_transfer's choice for `device`."""
         if codec.layout != store.layout:
             raise ValueError("the codec's layout differs from the store's packed layout")
         self.store, self.codec, self.expert_fn, self.prefetch = store, codec, expert_fn, prefetch
@@ -78,7 +80,9 @@ class OffloadEngine:
         if self._converting and torch.device(device).type != "cpu" and not hasattr(codec, "convert"):
             raise ValueError("this codec converts at load only on the CPU; on a GPU its slots hold the stored bytes")
         self.cache = ExpertCache(self.layers, self.num_experts, slots, held.nbytes, device, policy)
-        self.transfer = make_transfer(device, self.layers * slots, store.layout.nbytes)
+        make = transfer or (lambda n, nbytes: make_transfer(device, n, nbytes))
+        self.transfer = make(self.layers * slots, store.layout.nbytes)
+        self.transfer.adopt(self.cache.pool)  # the pool outlives no copy still landing in it
         # views of every slot, built once: decoding a slot allocates nothing
         self._views = [[views(self.cache.buffer(layer, s), held) for s in range(slots)]
                        for layer in range(self.layers)]
@@ -159,6 +163,10 @@ class OffloadEngine:
             guess = self._prefetch_when_idle(layer + 1, guess, pending)
         self.cache.tick(layer)
         return _accumulate(x, groups, index, outputs, weights)
+
+    def close(self) -> None:
+        """Wait for the copies still in flight (prefetches compute never waited on)."""
+        self.transfer.close()
 
     def stats(self) -> dict:
         p = self.prefetcher

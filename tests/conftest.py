@@ -35,3 +35,23 @@ def mistral_window_ref(tmp_path_factory):
 def mixtral_q_ref(tmp_path_factory):
     """Widths the fused int4 kernel takes at every group size up to 128 (intermediate 128, hidden 64)."""
     return save_reference(tmp_path_factory.mktemp("mixtral_q"), "mixtral", seed=3, intermediate_size=128)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fake-cuda", action="store_true",
+                     help="run every offload transfer through tests/fake_cuda.py's ordering checker")
+
+
+@pytest.fixture(autouse=True)
+def _fake_cuda(request):
+    """With --fake-cuda, every engine built in the test uses CudaTransfer over the checking fake."""
+    if not request.config.getoption("--fake-cuda"):
+        yield None
+        return
+    from fake_cuda import FakeCuda
+
+    from offload.streams import use_backend
+
+    fake = FakeCuda()
+    with use_backend(fake), fake.checking():
+        yield fake

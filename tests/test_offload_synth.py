@@ -74,11 +74,12 @@ def open_source(files: list[Path], layers: int, experts: int, inter: int, dim: i
 
 
 def make_engine(files, layers, experts, inter, dim, *, slots, store="mmap", prefetch=True,
-                dtype=torch.float32, policy="lru", device="cpu") -> OffloadEngine:
+                dtype=torch.float32, policy="lru", device="cpu", transfer=None) -> OffloadEngine:
     source = open_source(files, layers, experts, inter, dim)
     host = RamStore(source, pin=device == "cuda") if store == "ram" else source
     codec = PlainCodec(host.layout, ROLES, dtype, device)
-    return OffloadEngine(host, codec, swiglu_expert, slots, device, policy=policy, prefetch=prefetch)
+    return OffloadEngine(host, codec, swiglu_expert, slots, device, policy=policy, prefetch=prefetch,
+                         transfer=transfer)
 
 
 def reference(tensors, layer: int, x, ids_host, weights, dtype=torch.float32):
