@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
         "prompt_tokens": PROMPT_LEN,
         "threads": a.threads,
         "device": a.device,
-        "dtype": "float32",
+        "dtype": "float32" if a.device == "cpu" else "bfloat16",  # generate_runners.default_dtype
         "policy": a.policy,
         "greedy": True,
     }

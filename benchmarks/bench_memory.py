@@ -89,9 +89,10 @@ def child(job: dict) -> dict:
     if job["k"] is not None:
         factory = make_factory(slots=job["k"], store=job["store"], prefetch=job["prefetch"])
     t0 = time.perf_counter()
-    model = load_model(job["model"], device=device, dtype=torch.float32, experts=factory)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # what users run on each
+    model = load_model(job["model"], device=device, dtype=dtype, experts=factory)
     c = model.config
-    kv_bytes = kv_cache_bytes(c, job["window"], torch.float32)
+    kv_bytes = kv_cache_bytes(c, job["window"], dtype)
     after_load = {**memory_now(), "load_s": time.perf_counter() - t0}
     samples, marks, t0 = [], set(job["lengths"]), time.perf_counter()
     stream = generate_stream(model, [PROMPT], max(job["lengths"]), window=job["window"], temperature=0.0)

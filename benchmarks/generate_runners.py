@@ -37,6 +37,14 @@ def prompts(count: int, vocab: int) -> list[list[int]]:
     return [[1] + [(1000 + 37 * (i + 1) * j) % (vocab - 3) + 3 for j in range(PROMPT_LEN - 1)] for i in range(count)]
 
 
+def default_dtype(device):
+    """fp32 on the CPU (its bf16 matmuls are slow), bf16 on CUDA (what users run; fp32 rows would say
+    nothing about a GPU, and hid the naive streamer's mixed-dtype index_add_)."""
+    import torch
+
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 class NaiveStreamer:
     """The baseline with no cache and no prefetch: each chosen expert is copied, then computed.
 
@@ -64,18 +72,21 @@ class NaiveStreamer:
         # x [T, D]; ids, weights [T, A]
         import torch
 
-        from offload.engine import group_by_expert, load_expert
+        from offload.engine import group_by_expert, index_tensors, load_expert
 
         out = torch.zeros_like(x)
-        for slot, (e, (tok, choice)) in enumerate(group_by_expert(ids.tolist()).items()):
+        groups = group_by_expert(ids.tolist())
+        index = index_tensors(groups, x.device)  # one pinned async copy, not two syncs per expert
+        for slot, e in enumerate(groups):
             load_expert(self.transfer, self.host, self.codec, self.converting, layer, e, self.bufs[slot],
                         self.views[slot], slot)
             self.host.release(layer, e)
             self.transfer.wait(slot)
-            t = torch.tensor(tok, device=x.device)
+            t, c = index[e]
             y = self.fn(x[t], *self.codec.decode(self.views[slot]))
             self.transfer.release(slot)
-            out.index_add_(0, t, weights[t, torch.tensor(choice, device=x.device)].unsqueeze(1) * y)
+            # the fp32 product cast to x's dtype before it is added (index_add_ refuses mixed dtypes)
+            out.index_add_(0, t, (weights[t, c].unsqueeze(1) * y).to(x.dtype))
             self.loads += 1
         self.tokens += x.shape[0] if layer == 0 else 0
         return out
@@ -117,7 +128,8 @@ def build_runner(job: dict):
     from mixtral_lite.model import load_model
     from mixtral_lite.offloading import make_factory, open_experts
 
-    device, dtype = torch.device(job["device"]), torch.float32
+    device = torch.device(job["device"])
+    dtype = getattr(torch, job["dtype"]) if job.get("dtype") else default_dtype(device)
     if job["kind"] == "transformers":
         return _transformers_runner(job, device, dtype)
     if job["kind"] == "llama.cpp":

@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from offload.engine import group_by_expert
+from offload.engine import group_by_expert, index_tensors
 from offload.kernels import ACT, Int4Mat
 
 
@@ -73,9 +73,11 @@ def run_grouped(x: torch.Tensor, ids_host: list[list[int]], weights: torch.Tenso
         for a, e in enumerate(ids_host[0]):
             out += (weights[:, a : a + 1] * swiglu_expert(x, *get_expert(e))).to(x.dtype)
         return out
-    for e, (tok, slot) in group_by_expert(ids_host).items():
-        tok_idx = torch.tensor(tok, device=x.device)
-        w = weights[tok_idx, torch.tensor(slot, device=x.device)].unsqueeze(1)
+    groups = group_by_expert(ids_host)
+    index = index_tensors(groups, x.device)  # one pinned async copy for every expert: no host sync
+    for e in groups:
+        tok_idx, choice_idx = index[e]
+        w = weights[tok_idx, choice_idx].unsqueeze(1)
         out.index_add_(0, tok_idx, (w * swiglu_expert(x[tok_idx], *get_expert(e))).to(x.dtype))
     return out
 

@@ -12,11 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import offloading, qstore, qweights
-from .checkpoint import Checkpoint, check_finite, expert_name
-from .config import ModelConfig
-from .experts import ExpertProvider, ResidentExperts
-from .kv_cache import RollingKVCache
+from .compat import require_torch
+
+require_torch()  # before anything below can fail on an old torch with a less helpful error
+
+from . import offloading, qstore, qweights  # noqa: E402
+from .checkpoint import Checkpoint, check_finite, expert_name  # noqa: E402
+from .config import ModelConfig  # noqa: E402
+from .experts import ExpertProvider, ResidentExperts  # noqa: E402
+from .kv_cache import RollingKVCache  # noqa: E402
 
 
 class RMSNorm(nn.Module):

@@ -7,7 +7,8 @@ expert math (SwiGLU), and turns flags into an `OffloadEngine`:
     --experts-per-layer K   device slots per layer (top_k <= K <= num_experts)
     --store {ram,mmap}      experts' host home: packed in RAM (pinned on CUDA) or read in place
     --prefetch {off,next}   speculative loads from the next layer's router (default next)
-    --device-memory GB      choose K from a device budget instead (GiB)
+    --device-memory GB      choose K from a device budget instead (GiB; mixtral_lite/budget.py)
+    (none of them, on CUDA) K from the free device memory, never every expert blindly
     --cache-policy NAME     eviction policy (offload/policy.py)
 """
 
@@ -21,14 +22,13 @@ from offload.codec import PlainCodec
 from offload.engine import OffloadEngine, slot_layout
 from offload.store import RamStore, SafetensorsSource
 
-from .checkpoint import expected_shapes, expert_name
+from .budget import GIB, DevicePlan, check_reserved, choose_slots, dense_bytes, runtime_bytes  # noqa: F401
+from .checkpoint import expert_name
 from .config import ModelConfig
 from .experts import expert_function
-from .kv_cache import kv_cache_bytes
 from .offload_args import add_args, live_policies  # noqa: F401  (their home before)
 
 ROLES = ("w1", "w2", "w3")  # the order swiglu_expert takes them
-GIB = 1 << 30
 
 
 class OffloadedExperts:
@@ -55,37 +55,25 @@ class OffloadedExperts:
         return self.engine.stats()
 
 
-def dense_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Every non-expert weight in the compute dtype."""
-    n = sum(torch.Size(s).numel() for name, s in expected_shapes(cfg).items() if ".experts." not in name)
-    return n * dtype.itemsize
+def slots_for_budget(args, cfg: ModelConfig, dtype: torch.dtype, expert_bytes: int, scratch: int = 0,
+                     device: torch.device | None = None) -> int:
+    """K from --device-memory (see mixtral_lite/budget.py); error naming the flag when top_k slots do not fit."""
+    return _plan(args, cfg, dtype, expert_bytes, scratch, device or torch.device("cpu"), args.device_memory).k
 
 
-def runtime_bytes(cfg: ModelConfig, dtype: torch.dtype, window: int, chunk: int) -> tuple[int, int]:
-    """(KV cache, activations) estimates for batch 1, a KV window and a prefill chunk of tokens."""
-    kv = kv_cache_bytes(cfg, window, dtype)
-    # per token of a chunk: residual + norms + q/k/v/o, the expert's hidden pair, attention
-    # scores over the window, and the logits row (fp32): a generous upper estimate
-    per_token = (6 * cfg.hidden_size + 3 * cfg.intermediate_size + cfg.num_heads * window) * dtype.itemsize
-    return kv, chunk * (per_token + 4 * cfg.vocab_size)
+def _plan(args, cfg: ModelConfig, dtype, slot_bytes: int, scratch: int, device, gib: float | None) -> DevicePlan:
+    # without flags (load_model's default for stores): generate's default -c 4096
+    window = cfg.sliding_window or getattr(args, "ctx_size", None) or min(cfg.max_position_embeddings, 4096)
+    return choose_slots(cfg, dtype, slot_bytes, window=window, chunk=getattr(args, "batch_size", None) or 512,
+                        device=device, scratch=scratch, gib=gib)
 
 
-def slots_for_budget(args, cfg: ModelConfig, dtype: torch.dtype, expert_bytes: int) -> int:
-    """K from --device-memory; error naming the flag when even top_k slots do not fit."""
-    window = cfg.sliding_window or getattr(args, "ctx_size", None) or cfg.max_position_embeddings
-    kv, act = runtime_bytes(cfg, dtype, window, getattr(args, "batch_size", None) or 512)
-    dense, top = dense_bytes(cfg, dtype), cfg.experts_per_tok * cfg.num_layers * expert_bytes
-    left = int(args.device_memory * GIB) - dense - kv - act
-    k = min(cfg.num_experts, max(left, 0) // (cfg.num_layers * expert_bytes))
-    if k < cfg.experts_per_tok:
-        need = dense + kv + act + top
-        raise SystemExit(
-            f"error: --device-memory {args.device_memory:g} GiB is too small: dense weights "
-            f"{dense / GIB:.2f} + KV cache {kv / GIB:.2f} + activations {act / GIB:.2f} + "
-            f"{cfg.experts_per_tok} expert slots per layer {top / GIB:.2f} GiB needs at least {need / GIB:.2f} GiB")
-    print(f"offload: --device-memory {args.device_memory:g} GiB -> {k} experts per layer "
-          f"({k * cfg.num_layers * expert_bytes / GIB:.2f} GiB of expert slots)", file=sys.stderr)
-    return k
+def scratch_bytes(codec, host, device: torch.device) -> int:
+    """Device bytes the codec and the transfer use beside the slots: decode/convert scratch, device staging."""
+    n = codec.scratch_bytes() if hasattr(codec, "scratch_bytes") else 0
+    if device.type == "cuda" and slot_layout(codec, host) != host.layout:
+        n += host.layout.nbytes  # load_converting's device staging buffer
+    return n
 
 
 def _validate(args, cfg: ModelConfig) -> None:
@@ -117,20 +105,43 @@ def build(args, config: ModelConfig, device: torch.device, dtype: torch.dtype):
         return None
     k = args.experts_per_layer
     if (k is None or k == config.num_experts) and args.store is None and args.device_memory is None:
+        if k is None and device.type == "cuda":  # a quantized store must not ask for all its experts
+            return make_factory(slots=None, prefetch=args.prefetch == "next", policy=args.cache_policy,
+                                budget_args=args, resident_checkpoints=True)
         return None
     return make_factory(slots=k, store=args.store or "ram", prefetch=args.prefetch == "next",
-                        policy=args.cache_policy, budget_args=args if args.device_memory is not None else None)
+                        policy=args.cache_policy, budget_args=args if k is None else None)
 
 
 def make_factory(*, slots: int | None, store: str = "ram", prefetch: bool = True, policy: str = "lru",
-                 budget_args=None):
-    """factory(config, checkpoint, device, dtype) -> OffloadedExperts."""
+                 budget_args=None, transfer=None, resident_checkpoints: bool = False):
+    """factory(config, checkpoint, device, dtype) -> OffloadedExperts.
+
+    slots None: K from budget_args.device_memory when given, else on CUDA from the free device memory
+    (never every expert blindly: 22 GiB at 4 bits), else (the CPU) every expert.
+    transfer: passed to OffloadEngine (a test's transfer over the fake CUDA backend).
+    resident_checkpoints: a Hugging Face checkpoint keeps every expert resident (only stores offload).
+    """
     def factory(cfg: ModelConfig, ckpt, device, dtype) -> OffloadedExperts:
         device = torch.device(device)
+        if resident_checkpoints and not hasattr(ckpt, "expert_store"):
+            from .model import resident_experts  # model imports this module: import when called
+
+            return resident_experts(cfg, ckpt, device, dtype)
         host, codec = open_experts(cfg, ckpt, store, device, dtype)
-        k = slots_for_budget(budget_args, cfg, dtype, slot_layout(codec, host).nbytes) if budget_args else slots
-        engine = OffloadEngine(host, codec, expert_function(codec), k or cfg.num_experts, device,
-                               policy=policy, prefetch=prefetch)
+        gib = getattr(budget_args, "device_memory", None)
+        plan = None
+        if slots is None and (gib is not None or device.type == "cuda"):
+            plan = _plan(budget_args, cfg, dtype, slot_layout(codec, host).nbytes,
+                         scratch_bytes(codec, host, device), device, gib)
+        k = plan.k if plan else slots or cfg.num_experts
+        before = torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
+        engine = OffloadEngine(host, codec, expert_function(codec), k, device, policy=policy, prefetch=prefetch,
+                               transfer=transfer)
+        if plan is not None and device.type == "cuda":
+            warning = check_reserved(plan, torch.cuda.memory_reserved(device) - before)
+            if warning:
+                print(warning, file=sys.stderr)
         return OffloadedExperts(engine, prefetch)
     return factory
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from . import default_model_path
 from .cli import DTYPE_NAMES, POSITIVE, add_version, check_model_dir, fail, front_door, guard_std_streams, read_text
+from .offload_args import add_args as add_offload_args
 
 if TYPE_CHECKING:  # torch is imported after the arguments are parsed (fast --help)
     import torch
@@ -104,9 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=POSITIVE, help="window step in tokens (default: ctx // 2)")
     p.add_argument("--max-tokens", type=POSITIVE, help="score only the first N text tokens")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: float32 on cpu, the checkpoint's on cuda")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_offload_args(p)  # generate's flags and defaults: Mixtral offloads here as it does there
     return p
 
 
@@ -124,24 +126,28 @@ def _main(args) -> None:
     if args.ctx < 2 or not 1 <= stride <= args.ctx - 1:
         raise fail(f"need --ctx >= 2 and 1 <= --stride <= ctx - 1 (got {args.ctx}, {stride})")
     text = read_text(args.file)
-    import torch
-
-    from .config import DTYPES
+    from .config import ModelConfig
+    from .generate import _shipped_defaults, pick_device, pick_dtype
     from .model import load_model
+    from .offloading import build
     from .tokenizer import Tokenizer
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise fail("--device cuda: no CUDA device is available (try --device cpu)")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    cfg = ModelConfig.from_dir(model_dir)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, cfg, device)
+    if args.model is None and device.type == "cuda":
+        _shipped_defaults(args)
     tok = Tokenizer.from_dir(model_dir)
     ids = tok.encode(text, bos=False)[: args.max_tokens]
     if not ids:
         raise fail(f"-f/--file: {args.file} has no tokens")
-    model = load_model(model_dir, device=device, dtype=DTYPES[args.dtype])
+    args.ctx_size = args.batch_size = args.ctx  # what build() sizes the KV cache and activations by
+    model = load_model(model_dir, device=device, dtype=dtype, experts=build(args, cfg, device, dtype))
     res = perplexity(model, ids, tok.bos_id, args.ctx, stride, progress=not args.no_progress)
     res |= {"model": str(model_dir), "file": str(args.file), "ctx": args.ctx, "stride": stride,
-            "device": str(device), "dtype": args.dtype}
+            "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+    if model.experts is not None:
+        res |= {k: v for k, v in model.experts.stats().items() if k in ("hit_rate", "bytes_per_token", "stall_s")}
     if args.json:
         print(json.dumps(res, allow_nan=False))
     else:

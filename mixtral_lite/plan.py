@@ -43,7 +43,7 @@ def make_plan(args, cfg: ModelConfig, model_dir: Path, device: torch.device, dty
         slot, host = expert_bytes(cfg, model_dir, dtype, device)
         k = args.experts_per_layer
         if args.device_memory is not None:
-            k = slots_for_budget(args, cfg, dtype, slot)
+            k = slots_for_budget(args, cfg, dtype, slot, device=device)
         k = k or cfg.num_experts
         offloaded = k < cfg.num_experts or args.store is not None or (model_dir / "manifest.json").is_file()
         store = (args.store or "ram") if offloaded else "resident"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -12,12 +11,20 @@ from pathlib import Path
 import psutil
 import torch
 
+try:
+    import resource
+except ImportError:  # native Windows: no getrusage; psutil's peak working set instead
+    resource = None
+
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (ru_maxrss is KiB on Linux)."""
+    """Peak resident set size of this process (ru_maxrss is KiB on Linux; Windows: peak working set)."""
+    info = psutil.Process().memory_info()
+    if resource is None:
+        return max(getattr(info, "peak_wset", 0), info.rss)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak = peak if sys.platform == "darwin" else peak * 1024
-    return max(peak, psutil.Process().memory_info().rss)
+    return max(peak, info.rss)
 
 
 def device_bytes(model, cache_bytes: int, device: torch.device) -> int:

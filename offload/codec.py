@@ -70,6 +70,9 @@ class PlainCodec:
             for n in convert:
                 self._scratch[n] = torch.empty(entries[n].shape, dtype=dtype, device=device)
 
+    def scratch_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._scratch.values())
+
     def fill(self, pieces: list[Piece], slot_views: dict[str, torch.Tensor]) -> None:
         """Write one stored expert (host pieces laid out by `layout`) into a slot of `slot_layout`."""
         for e in self.layout.entries:

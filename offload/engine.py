@@ -152,7 +152,7 @@ class OffloadEngine:
         guess = guess_host if self.prefetch and layer + 1 < self.layers else None
         self._issue(layer, pending, pinned)
         guess = self._prefetch_when_idle(layer + 1, guess, pending)
-        index = _indices(groups, x.device) if x.shape[0] > 1 else None
+        index = index_tensors(groups, x.device) if x.shape[0] > 1 else None
         outputs = {}
         for e in hits + misses:  # resident first, while the misses are in flight
             if self.cache.slot_of(layer, e) is None:
@@ -177,7 +177,7 @@ class OffloadEngine:
         )
 
 
-def _indices(groups: dict, device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def index_tensors(groups: dict, device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """expert -> (token indices, choice indices) on the device, from ONE host -> device copy."""
     toks = [t for tok, _ in groups.values() for t in tok]
     flat = torch.tensor(toks + [a for _, choice in groups.values() for a in choice])

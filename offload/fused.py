@@ -73,6 +73,12 @@ class FusedCodec:
                 "zero": torch.empty(n_k // self.spec.group_size, dtype=torch.float32, device=device)}
         return self._scratch[device]
 
+    def scratch_bytes(self) -> int:
+        """Device bytes `_buffers` allocates for conversions on a device (for memory budgets)."""
+        n_k = max(n * k for n, k in self.out_shapes.values())
+        q_max = max(e.nbytes for e in self.layout.entries if e.name.endswith(".q"))
+        return n_k + q_max + 2 * 4 * (n_k // self.spec.group_size)
+
     def convert(self, src: dict[str, torch.Tensor], slot_views: dict[str, torch.Tensor]) -> None:
         """Packed views `src` (one expert, `layout`) -> the slot's kernel layout, on src's device."""
         g = self.spec.group_size

@@ -248,6 +248,11 @@ class HQQCodec:
         self._meta = {p: torch.empty(m_max, dtype=dtype, **kw) for p in ("scale", "zero")}
         self._meta32 = torch.empty(m_max, dtype=torch.float32, **kw)
 
+    def scratch_bytes(self) -> int:
+        """Bytes of the buffers allocated above (the dequantized matrices dominate: for memory budgets)."""
+        ts = [*self.out.values(), self._iscratch, *self._meta.values(), self._meta32]
+        return sum(t.numel() * t.element_size() for t in ts)
+
     def decode(self, views: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return tuple(self._matrix(views, name, shape) for name, shape in self.shapes.items())
 

@@ -9,16 +9,20 @@ It answers with `Piece`s: host uint8 tensors and where each lands in the packed 
         Hugging Face fp checkpoint (w1, w2, w3 are separate tensors), 1 for a packed
         (quantized) store. After a copy, `release` drops the touched pages from this
         process (madvise DONTNEED) so RSS stays near zero for the experts.
-    RamStore           (--store ram)   every expert packed once into one contiguous buffer
-        (pinned when the device is CUDA), filled one expert at a time from a source: the
-        experts never exist twice in memory. One piece per expert.
+    RamStore           (--store ram)   every expert packed once into host memory (pinned when
+        the device is CUDA, in power-of-two blocks so CUDA's host allocator does not round 22 GiB up
+        to 32; pageable with a warning when pinning fails), filled one expert at a time from a
+        source: the experts never exist twice in memory. One piece per expert (two where an expert
+        straddles blocks).
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import mmap
 import struct
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +38,8 @@ ST_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
 }
 MAX_HEADER = 100 << 20  # a larger header means a corrupt length field
+# madvise is Unix-only (Python 3.8+ on Linux/macOS): on Windows pages stay mapped until the OS trims them
+CAN_DROP_PAGES = hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED")
 
 
 class StoreError(ValueError):
@@ -182,6 +188,8 @@ class SafetensorsSource:
 
     def release(self, layer: int, expert: int) -> None:
         """Drop this expert's pages from the process (re-read from the page cache or disk if needed)."""
+        if not CAN_DROP_PAGES:
+            return
         page = mmap.PAGESIZE
         for file, start, nbytes, _ in self._regions[layer][expert]:
             mm = self._maps[file]
@@ -191,29 +199,90 @@ class SafetensorsSource:
             mm[0].madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
-class RamStore:
-    """Every expert packed once into one contiguous host buffer [L * E * nbytes]."""
+PIN_CHUNK = 1 << 28  # 256 MiB: page-locked in power-of-two blocks, which CUDA's host allocator takes as they are
+PIN_MIN = 1 << 20  # the tail is split down to 1 MiB blocks: at most 1 MiB pinned beyond the experts
 
-    def __init__(self, source: ExpertStore, pin: bool = False):
+
+def pin_chunks(total: int, chunk: int = PIN_CHUNK, smallest: int = PIN_MIN) -> list[int]:
+    """Power-of-two block sizes covering `total` bytes with less than `smallest` to spare.
+
+    CUDA's caching host allocator rounds every request up to a power of two: one 22.4 GiB block
+    would page-lock 32 GiB. Blocks that are powers of two already are taken at their size.
+    """
+    sizes = [chunk] * (total // chunk)
+    rest = total % chunk
+    size = chunk // 2
+    while rest > 0:
+        if rest >= size or size == smallest:
+            sizes.append(size)
+            rest -= size
+        else:
+            size //= 2
+    return sizes
+
+
+def _pinned(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+class RamStore:
+    """Every expert packed once into host memory [L * E * nbytes]: one block, or (pinned) power-of-two
+    blocks laid end to end, an expert that straddles two blocks being two pieces."""
+
+    def __init__(self, source: ExpertStore, pin: bool = False, pinner: Callable[[int], torch.Tensor] = _pinned):
         self.layout, self.num_layers, self.num_experts = source.layout, source.num_layers, source.num_experts
-        n = self.layout.nbytes
-        # zeros, not empty: padding between aligned tensors is deterministic
-        self.buffer = torch.zeros(self.num_layers * self.num_experts * n, dtype=torch.uint8, pin_memory=pin)
-        self.pinned, self.host_bytes = pin, self.buffer.numel()
+        total = self.num_layers * self.num_experts * self.layout.nbytes
+        blocks = self._pin(total, pinner) if pin else None
+        self.pinned = blocks is not None  # False also when pinning failed: loads then go through staging
+        self.blocks = blocks or [torch.empty(total, dtype=torch.uint8)]
+        for b in self.blocks:
+            b.zero_()  # zeros, not empty: padding between aligned tensors is deterministic
+        self._starts = [0]
+        for b in self.blocks:
+            self._starts.append(self._starts[-1] + b.numel())
+        self.host_bytes = self._starts[-1]
         for layer in range(self.num_layers):
             for e in range(self.num_experts):
-                dst = self._slice(layer, e)
+                dst = self.pieces(layer, e)
                 for p in source.pieces(layer, e):
-                    dst[p.offset : p.offset + p.src.numel()].copy_(p.src)
+                    _scatter(dst, p)
                 source.release(layer, e)  # one expert at a time: never two copies of all experts
 
-    def _slice(self, layer: int, expert: int) -> torch.Tensor:
-        n = self.layout.nbytes
-        start = (layer * self.num_experts + expert) * n
-        return self.buffer[start : start + n]
+    def _pin(self, total: int, pinner) -> list[torch.Tensor] | None:
+        """Page-locked blocks, or None (with a warning) when the system refuses them."""
+        blocks = []
+        try:
+            for size in pin_chunks(total):
+                blocks.append(pinner(size))
+        except RuntimeError as e:
+            del blocks
+            warnings.warn(f"could not page-lock {total / (1 << 30):.2f} GiB for the expert store ({e}); "
+                          "experts stay in pageable memory and are copied through staging buffers (slower "
+                          "loads). Free RAM, use --store mmap, or raise the locked-memory limit.", stacklevel=3)
+            return None
+        return blocks
 
     def pieces(self, layer: int, expert: int) -> list[Piece]:
-        return [Piece(self._slice(layer, expert), 0)]
+        """The expert's bytes: one piece, or two where it straddles blocks."""
+        n = self.layout.nbytes
+        lo = (layer * self.num_experts + expert) * n
+        hi, out = lo + n, []
+        i = bisect.bisect_right(self._starts, lo) - 1
+        while lo < hi:
+            start, block = self._starts[i], self.blocks[i]
+            end = min(hi, start + block.numel())
+            out.append(Piece(block[lo - start : end - start], lo - (layer * self.num_experts + expert) * n))
+            lo, i = end, i + 1
+        return out
 
     def release(self, layer: int, expert: int) -> None:
         pass
+
+
+def _scatter(dst: list[Piece], src: Piece) -> None:
+    """Copy the source piece into whichever destination pieces its byte range covers."""
+    lo, hi = src.offset, src.offset + src.src.numel()
+    for d in dst:
+        a, b = max(lo, d.offset), min(hi, d.offset + d.src.numel())
+        if a < b:
+            d.src[a - d.offset : b - d.offset].copy_(src.src[a - lo : b - lo])
