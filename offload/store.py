@@ -229,10 +229,11 @@ class RamStore:
     """Every expert packed once into host memory [L * E * nbytes]: one block, or (pinned) power-of-two
     blocks laid end to end, an expert that straddles two blocks being two pieces."""
 
-    def __init__(self, source: ExpertStore, pin: bool = False, pinner: Callable[[int], torch.Tensor] = _pinned):
+    def __init__(self, source: ExpertStore, pin: bool = False, pinner: Callable[[int], torch.Tensor] = _pinned,
+                 chunk: int = PIN_CHUNK):
         self.layout, self.num_layers, self.num_experts = source.layout, source.num_layers, source.num_experts
         total = self.num_layers * self.num_experts * self.layout.nbytes
-        blocks = self._pin(total, pinner) if pin else None
+        blocks = self._pin(total, pinner, chunk) if pin else None
         self.pinned = blocks is not None  # False also when pinning failed: loads then go through staging
         self.blocks = blocks or [torch.empty(total, dtype=torch.uint8)]
         for b in self.blocks:
@@ -248,14 +249,16 @@ class RamStore:
                     _scatter(dst, p)
                 source.release(layer, e)  # one expert at a time: never two copies of all experts
 
-    def _pin(self, total: int, pinner) -> list[torch.Tensor] | None:
+    def _pin(self, total: int, pinner, chunk: int) -> list[torch.Tensor] | None:
         """Page-locked blocks, or None (with a warning) when the system refuses them."""
         blocks = []
         try:
-            for size in pin_chunks(total):
+            for size in pin_chunks(total, chunk, min(chunk, PIN_MIN)):
                 blocks.append(pinner(size))
         except RuntimeError as e:
             del blocks
+            if hasattr(torch._C, "_host_emptyCache"):  # hand the blocks pinned so far back to the system
+                torch._C._host_emptyCache()
             warnings.warn(f"could not page-lock {total / (1 << 30):.2f} GiB for the expert store ({e}); "
                           "experts stay in pageable memory and are copied through staging buffers (slower "
                           "loads). Free RAM, use --store mmap, or raise the locked-memory limit.", stacklevel=3)
