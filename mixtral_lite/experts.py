@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from offload.engine import group_by_expert, index_tensors
+from offload.hostsync import to_host
 from offload.kernels import ACT, Int4Mat
 
 
@@ -100,7 +101,7 @@ class ResidentExperts:
 
     def run(self, layer, x, ids, weights, next_guess=None):
         w13, w2, i_ = self.w13[layer], self.w2[layer], self.inter
-        ids_host = ids.tolist()
+        ids_host = to_host(ids)  # the layer's single host sync
         if len(ids_host) == 1:  # decode: the same sums as run_grouped, with w1 and w3 in one product
             out = None
             for a, e in enumerate(ids_host[0]):

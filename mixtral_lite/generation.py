@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import torch
 
+from offload.hostsync import to_host
+
 from .model import Transformer
 from .sampling import sample
 
@@ -32,7 +34,7 @@ def check_logits(logits: torch.Tensor, step: str) -> None:
 def generate_stream(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, window: int,
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                     chunk: int = 512, vocab_limit: int | None = None) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row ([B] int64), max_new_tokens times.
+    """Yield the next token of every row ([B] int64, on the host), max_new_tokens times.
 
     Prompts of different lengths are left-padded; padding is masked out, so each row
     gets exactly what it would get alone. The prompt is prefilled in chunks of `chunk`.
@@ -52,14 +54,27 @@ def generate_stream(model: Transformer, prompts: list[list[int]], max_new_tokens
     for start in range(0, longest, chunk):
         logits = model(tokens[:, start : start + chunk], cache, last_only=True)
     for i in range(max_new_tokens):
-        last = logits[:, -1].float()
-        check_logits(last, "prompt evaluation" if i == 0 else f"decode step {i}")
-        if vocab_limit is not None and vocab_limit < last.shape[-1]:
-            last[:, vocab_limit:] = -math.inf
-        nxt = sample(last, temperature, top_k, top_p, gen)
-        yield nxt
+        nxt, host = _next(logits[:, -1].float(), "prompt evaluation" if i == 0 else f"decode step {i}",
+                          vocab_limit, temperature, top_k, top_p, gen)
+        yield host
         if i + 1 < max_new_tokens:  # the last token is never fed back
             logits = model(nxt[:, None], cache)
+
+
+def _next(last: torch.Tensor, step: str, vocab_limit: int | None, temperature: float, top_k: int, top_p: float,
+          gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """last [B, V] -> (ids [B] on the device, the same ids on the host), with one host sync: rows whose
+    logits are not all finite come back as -1, and only then is the check run again to name the fault."""
+    finite = torch.isfinite(last).all(dim=-1)  # [B]
+    limited = last
+    if vocab_limit is not None and vocab_limit < last.shape[-1]:
+        limited = last.clone()  # the check below must see the model's logits, not these -inf
+        limited[:, vocab_limit:] = -math.inf
+    nxt = sample(limited, temperature, top_k, top_p, gen)
+    ids = to_host(torch.where(finite, nxt, -1))  # the step's single host sync
+    if min(ids) < 0:
+        check_logits(last, step)
+    return nxt, torch.tensor(ids)
 
 
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, window: int,

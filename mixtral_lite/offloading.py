@@ -20,6 +20,7 @@ import torch
 
 from offload.codec import PlainCodec
 from offload.engine import OffloadEngine, slot_layout
+from offload.hostsync import to_host
 from offload.store import RamStore, SafetensorsSource
 
 from .budget import GIB, DevicePlan, check_reserved, choose_slots, dense_bytes, runtime_bytes  # noqa: F401
@@ -44,11 +45,11 @@ class OffloadedExperts:
     def run(self, layer, x, ids, weights, next_guess=None):
         # x [T, D]; ids, next_guess [T, A]; weights [T, A]
         if next_guess is not None and self._prefetch:
-            rows = torch.cat([ids, next_guess], dim=1).tolist()  # the layer's single host sync
+            rows = to_host(torch.cat([ids, next_guess], dim=1))  # the layer's single host sync
             a = ids.shape[1]
             ids_host, guess_host = [r[:a] for r in rows], [r[a:] for r in rows]
         else:
-            ids_host, guess_host = ids.tolist(), None
+            ids_host, guess_host = to_host(ids), None
         return self.engine.run(layer, x, ids_host, weights, guess_host)
 
     def stats(self) -> dict:

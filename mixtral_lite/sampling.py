@@ -1,7 +1,8 @@
 """Next-token sampling as pure functions of logits: greedy, temperature, top-k, top-p (nucleus), seeded.
 
 Order as in transformers' generation: logits / temperature -> top-k -> top-p on the renormalised
-top-k distribution -> one multinomial draw per row. B = batch rows, V = vocabulary.
+top-k distribution -> one draw per row (an exponential race, the Gumbel-max trick: no host sync,
+unlike torch.multinomial). B = batch rows, V = vocabulary.
 """
 
 from __future__ import annotations
@@ -57,4 +58,12 @@ def sample(
         return torch.max(logits, dim=-1).indices  # = argmax (first of ties), 3x faster on the CPU
     scaled = filter_logits(logits.float() / temperature, top_k, top_p)
     probs = torch.softmax(scaled, dim=-1)  # [B,V]
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return draw(probs, generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One id per row of probs [B, V], distributed as probs: argmax(p / q) with q ~ Exp(1) (the
+    exponential form of the Gumbel-max trick). Unlike torch.multinomial it never checks the
+    distribution on the host, so on CUDA a draw costs no synchronisation."""
+    q = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / q.clamp_(min=torch.finfo(q.dtype).tiny)).argmax(dim=-1)  # q = 0 would turn p = 0 into NaN
