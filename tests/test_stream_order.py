@@ -49,7 +49,9 @@ def scenario(engine, tensors, seed: int = 0):
 def build(ckpts, dtype, store, fake, cls=CudaTransfer):
     tensors, files = ckpts[dtype]
     engine = make_engine(files, L, E, INTER, DIM, slots=2, store=store, prefetch=True,
-                         transfer=lambda n, nbytes: cls(torch.device("cpu"), n, nbytes, fake))
+                         transfer=lambda n, nbytes: cls(torch.device("cpu"), n, nbytes, fake),
+                         pinner=lambda n: torch.empty(n, dtype=torch.uint8))  # ram: the pinned, direct path
+    assert engine.store.pinned == (store == "ram")
     return engine, tensors
 
 
@@ -136,3 +138,35 @@ def test_pool_freed_under_landing_copies(ckpts, close):
     else:
         with pytest.raises(OrderViolation, match="freed while"):
             run()
+
+
+@pytest.mark.parametrize("store", ["ram", "mmap"])
+def test_staging_pinned_only_for_pageable_loads_and_timing_only_after_loads(ckpts, store):
+    fake = FakeCuda()
+    with fake.checking():
+        engine, tensors = build(ckpts, torch.float32, store, fake)
+        scenario(engine, tensors)
+        t = engine.transfer
+        assert len(t.staging) == (0 if store == "ram" else CudaTransfer.STAGING)  # 2 x 512 MiB saved on ram
+        loads = sum(engine.counters.loads.values())
+        assert 0 < len(t._timing) <= loads  # one timing pair per load compute waited on, none per hit
+        before = len(t._timing)
+        x, w = torch.randn(1, DIM), torch.ones(1, 2) / 2
+        for _ in range(3):  # the same experts again: hits on settled slots, no timing events
+            engine.run(0, x, [[0, 3]], w)
+        assert len(t._timing) == before + sum(engine.counters.loads.values()) - loads
+
+
+@pytest.mark.slow
+def test_offload_suites_pass_under_the_fake():
+    """The engine, offloaded-model and quantized-store tests with every transfer over the checking fake."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    suites = ["tests/test_offload_engine.py", "tests/test_offload_model.py", "tests/test_quant_store.py"]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--fake-cuda", *suites],
+                         cwd=root, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout
