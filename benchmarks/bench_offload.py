@@ -36,7 +36,7 @@ import torch
 
 from mixtral_lite.checkpoint import Checkpoint
 from mixtral_lite.config import DTYPES
-from mixtral_lite.experts import swiglu_expert
+from mixtral_lite.experts import expert_function
 from mixtral_lite.model import load_model
 from mixtral_lite.offloading import OffloadedExperts, make_factory, open_experts
 from mixtral_lite.tokenizer import Tokenizer
@@ -198,7 +198,7 @@ def sweep(model, ckpt, args, device, dtype, ids: list[int], trace) -> list[dict]
         for _ in range(args.repeats):
             for k in args.k:
                 for pf in ("next", "off"):
-                    engine = OffloadEngine(host, codec, swiglu_expert, k, device, prefetch=pf == "next")
+                    engine = OffloadEngine(host, codec, expert_function(codec), k, device, prefetch=pf == "next")
                     provider = OffloadedExperts(engine, pf == "next")
                     model.experts = TraceRouted(provider, trace) if trace else provider
                     steps, d = measure(model, engine, ids, args.prompt, args.warmup, device)

@@ -138,11 +138,11 @@ def build_runner(job: dict):
     if job["kind"] == "offload":
         factory = make_factory(slots=job["k"], store=job["store"], prefetch=job["prefetch"], policy=job["policy"])
     elif job["kind"] == "naive":
-        from mixtral_lite.experts import swiglu_expert
+        from mixtral_lite.experts import expert_function
 
         def factory(cfg, ckpt, dev, dt):
             host, codec = open_experts(cfg, ckpt, job["store"], torch.device(dev), dt)
-            return NaiveStreamer(host, codec, swiglu_expert, dev, cfg.num_experts)
+            return NaiveStreamer(host, codec, expert_function(codec), dev, cfg.num_experts)
 
     model = load_model(job["model"], device=device, dtype=dtype, experts=factory)
     window = model.config.sliding_window or job["window"]

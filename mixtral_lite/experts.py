@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from offload.codec import PlainCodec
 from offload.engine import group_by_expert, index_tensors
 from offload.hostsync import to_host
 from offload.kernels import ACT, Int4Mat
@@ -21,6 +22,19 @@ from offload.kernels import ACT, Int4Mat
 def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """One Mixtral expert: (SiLU(x w1^T) * (x w3^T)) w2^T."""
     return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+def swiglu_w13(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The same expert with w1 and w3 stacked into w13 [2I, D] (w1 rows, then w3 rows).
+
+    One row (a decoding token) runs one product for both; more rows run two, on views of w13. Resident
+    and offloaded experts both call this, so on any device they run the same products, bit for bit.
+    """
+    i = w2.shape[-1]
+    if x.shape[0] == 1:
+        gate, up = F.linear(x, w13).split(i, dim=-1)  # w1 x, w3 x
+        return F.linear(F.silu(gate) * up, w2)
+    return swiglu_expert(x, w13[:i], w2, w13[i:])
 
 
 def swiglu_fused(x: torch.Tensor, w13: Int4Mat, w2: Int4Mat) -> torch.Tensor:
@@ -33,8 +47,10 @@ def swiglu_fused(x: torch.Tensor, w13: Int4Mat, w2: Int4Mat) -> torch.Tensor:
 
 
 def expert_function(codec):
-    """The expert math that fits what `codec.decode` returns."""
-    return swiglu_fused if tuple(codec.names) == ("w13", "w2") else swiglu_expert
+    """The expert math that fits what `codec.decode` returns: int4 matrices, a plain stacked w13, or w1, w2, w3."""
+    if tuple(codec.names) != ("w13", "w2"):
+        return swiglu_expert
+    return swiglu_w13 if isinstance(codec, PlainCodec) else swiglu_fused
 
 
 class ExpertProvider(Protocol):
@@ -64,22 +80,23 @@ class ExpertProvider(Protocol):
         ...
 
 
-def run_grouped(x: torch.Tensor, ids_host: list[list[int]], weights: torch.Tensor, get_expert) -> torch.Tensor:
-    """Group tokens by expert and accumulate; get_expert(e) -> (w1, w2, w3).
+def run_grouped(x: torch.Tensor, ids_host: list[list[int]], weights: torch.Tensor, get_expert,
+                fn=swiglu_expert) -> torch.Tensor:
+    """Group tokens by expert and accumulate fn(x, *get_expert(e)) (default: get_expert(e) -> (w1, w2, w3)).
 
     ids_host is ids as nested Python lists (already on the host), so this adds no sync.
     """
     out = torch.zeros_like(x)
     if len(ids_host) == 1:  # decode: one token, no gather/scatter
         for a, e in enumerate(ids_host[0]):
-            out += (weights[:, a : a + 1] * swiglu_expert(x, *get_expert(e))).to(x.dtype)
+            out += (weights[:, a : a + 1] * fn(x, *get_expert(e))).to(x.dtype)
         return out
     groups = group_by_expert(ids_host)
     index = index_tensors(groups, x.device)  # one pinned async copy for every expert: no host sync
     for e in groups:
         tok_idx, choice_idx = index[e]
         w = weights[tok_idx, choice_idx].unsqueeze(1)
-        out.index_add_(0, tok_idx, (w * swiglu_expert(x[tok_idx], *get_expert(e))).to(x.dtype))
+        out.index_add_(0, tok_idx, (w * fn(x[tok_idx], *get_expert(e))).to(x.dtype))
     return out
 
 
@@ -100,13 +117,6 @@ class ResidentExperts:
         return {"device_expert_bytes": sum(t.numel() * t.element_size() for t in (*self.w13, *self.w2))}
 
     def run(self, layer, x, ids, weights, next_guess=None):
-        w13, w2, i_ = self.w13[layer], self.w2[layer], self.inter
+        w13, w2 = self.w13[layer], self.w2[layer]
         ids_host = to_host(ids)  # the layer's single host sync
-        if len(ids_host) == 1:  # decode: the same sums as run_grouped, with w1 and w3 in one product
-            out = None
-            for a, e in enumerate(ids_host[0]):
-                gate, up = F.linear(x, w13[e]).split(i_, dim=-1)  # w1 x, w3 x
-                y = (weights[:, a : a + 1] * F.linear(F.silu(gate) * up, w2[e])).to(x.dtype)
-                out = y if out is None else out.add_(y)
-            return out
-        return run_grouped(x, ids_host, weights, lambda e: (w13[e, :i_], w2[e], w13[e, i_:]))
+        return run_grouped(x, ids_host, weights, lambda e: (w13[e], w2[e]), swiglu_w13)

@@ -239,7 +239,7 @@ def run(model, tok, ids: list[int], args, device, window: int) -> dict:
     """Generate, streaming text to stdout; return the figures (also after SIGINT/SIGTERM)."""
     from .generation import generate_stream
     from .kv_cache import kv_cache_bytes
-    from .runstats import device_bytes, peak_rss_bytes
+    from .runstats import cuda_memory, device_bytes, peak_rss_bytes
     from .tokenizer import StreamingDetokenizer
 
     dtype = model.embed.weight.dtype
@@ -276,6 +276,7 @@ def run(model, tok, ids: list[int], args, device, window: int) -> dict:
         "decode_tokens_per_s": decode_n / (t_end - t_first) if decode_n and t_end > t_first else 0.0,
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_device_bytes": device_bytes(model, kv_cache_bytes(model.config, window, dtype), device),
+        **cuda_memory(device),
         "window": window, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "interrupted": interrupted,
     }

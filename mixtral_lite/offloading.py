@@ -30,6 +30,7 @@ from .experts import expert_function
 from .offload_args import add_args, live_policies  # noqa: F401  (their home before)
 
 ROLES = ("w1", "w2", "w3")  # the order swiglu_expert takes them
+STACKED_ORDER = ("w1", "w3", "w2")  # their order in a slot
 
 
 class OffloadedExperts:
@@ -160,8 +161,10 @@ def open_experts(cfg: ModelConfig, ckpt, store: str, device: torch.device, dtype
     i, d = cfg.intermediate_size, cfg.hidden_size
     files = sorted({ckpt.file_of(expert_name(layer, e, w)) for layer in range(cfg.num_layers)
                     for e in range(cfg.num_experts) for w in ROLES})
+    # w1, w3, then w2 in the packed expert: w1 and w3 back to back decode as one [2I, D] matrix, the
+    # product ResidentExperts runs for a decoding token (on a GPU two products could differ in the last bits)
     source = SafetensorsSource(files, cfg.num_layers, cfg.num_experts,
-                               lambda layer, e: {w: expert_name(layer, e, w) for w in ROLES},
+                               lambda layer, e: {w: expert_name(layer, e, w) for w in STACKED_ORDER},
                                {"w1": (i, d), "w2": (d, i), "w3": (i, d)})
     host = RamStore(source, pin=pin) if store == "ram" else source
-    return host, PlainCodec(host.layout, ROLES, dtype, device)
+    return host, PlainCodec(host.layout, ROLES, dtype, device, stack={"w13": ("w1", "w3")})

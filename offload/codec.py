@@ -50,10 +50,15 @@ class PlainCodec:
     dtype, converted once when an expert is loaded (`fill`), so a cache hit costs nothing;
     on a GPU the slots keep the stored bytes (what crosses the bus) and decode converts into
     scratch buffers allocated once here.
+
+    stack={"w13": ("w1", "w3")}: where w1 and w3 lie back to back in the slot (or in the scratch),
+    decode returns them as one [2I, D] matrix named w13 in their place, so a decoding token runs
+    one product for both, the same product a resident stacked matrix runs (bitwise the same sums).
     """
 
     def __init__(
-        self, layout: Layout, names: tuple[str, ...], dtype: torch.dtype, device: torch.device | str
+        self, layout: Layout, names: tuple[str, ...], dtype: torch.dtype, device: torch.device | str,
+        stack: dict[str, tuple[str, str]] | None = None,
     ):
         entries = {e.name: e for e in layout.entries}
         missing = [n for n in names if n not in entries]
@@ -69,6 +74,23 @@ class PlainCodec:
         else:
             for n in convert:
                 self._scratch[n] = torch.empty(entries[n].shape, dtype=dtype, device=device)
+        self._stack = None
+        for out, (a, b) in (stack or {}).items():
+            if self._stackable(a, b, convert, device):
+                self._stack = (out, a, b, entries[a].shape[0] + entries[b].shape[0], entries[a].shape[1])
+                self.names = tuple(out if n == a else n for n in self.names if n != b)
+
+    def _stackable(self, a: str, b: str, convert: list[str], device) -> bool:
+        """Can decode return a and b as one matrix? In scratch (made so here), or back to back in the slot."""
+        held = {e.name: e for e in self.slot_layout.entries}
+        ea, eb = held[a], held[b]
+        if ea.dtype != eb.dtype or ea.shape[1:] != eb.shape[1:] or (a in convert) != (b in convert):
+            return False
+        if a in self._scratch:
+            both = torch.empty((ea.shape[0] + eb.shape[0], *ea.shape[1:]), dtype=self.dtype, device=device)
+            self._scratch[a], self._scratch[b] = both[: ea.shape[0]], both[ea.shape[0] :]
+            return True
+        return eb.offset == ea.offset + ea.nbytes
 
     def scratch_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._scratch.values())
@@ -86,6 +108,8 @@ class PlainCodec:
             slot_views[e.name].copy_(src[e.name])
 
     def decode(self, views: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        if self._stack is not None:
+            return self._decode_stacked(views)
         out = []
         for n in self.names:
             buf = self._scratch.get(n)
@@ -93,4 +117,19 @@ class PlainCodec:
                 out.append(views[n])
             else:
                 out.append(buf.copy_(views[n]))
+        return tuple(out)
+
+    def _decode_stacked(self, views: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        stacked, a, b, rows, cols = self._stack
+        out = []
+        for n in self.names:
+            if n != stacked:
+                buf = self._scratch.get(n)
+                out.append(views[n] if buf is None else buf.copy_(views[n]))
+            elif a in self._scratch:
+                self._scratch[a].copy_(views[a])
+                self._scratch[b].copy_(views[b])
+                out.append(self._scratch[a].as_strided((rows, cols), (cols, 1)))
+            else:  # a, then b, back to back in the slot: one view over both
+                out.append(views[a].as_strided((rows, cols), (cols, 1)))
         return tuple(out)

@@ -192,3 +192,39 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+# -- hidden costs: plain experts run the resident products; memory beside the allocator's peak ----------
+def test_plain_slots_decode_w1_and_w3_as_one_matrix():
+    from mixtral_lite.experts import expert_function, swiglu_w13
+    from offload.packing import Layout, pack_into, views
+
+    i, d = 32, 16
+    mats = {"w1": torch.randn(i, d), "w3": torch.randn(i, d), "w2": torch.randn(d, i)}
+    stack = {"w13": ("w1", "w3")}
+    layout = Layout.of(mats)  # w1, w3, w2: back to back
+    buf = torch.zeros(layout.nbytes, dtype=torch.uint8)
+    pack_into(buf, layout, mats)
+    codec = PlainCodec(layout, ("w1", "w2", "w3"), torch.float32, "cpu", stack=stack)
+    w13, w2 = codec.decode(views(buf, layout))
+    assert codec.names == ("w13", "w2") and expert_function(codec) is swiglu_w13
+    assert torch.equal(w13, torch.cat([mats["w1"], mats["w3"]])) and w13.data_ptr() == buf.data_ptr()
+    x = torch.randn(1, d)
+    assert torch.equal(swiglu_w13(x, w13, w2), swiglu_expert(x, mats["w1"], mats["w2"], mats["w3"]))
+    apart = Layout.of({k: mats[k] for k in ("w1", "w2", "w3")})  # w2 in between: nothing to stack
+    assert PlainCodec(apart, ("w1", "w2", "w3"), torch.float32, "cpu", stack=stack).names == ("w1", "w2", "w3")
+    stored = Layout.of({k: v.bfloat16() for k, v in mats.items()})  # a GPU converting into scratch
+    on_gpu = PlainCodec(stored, ("w1", "w2", "w3"), torch.float32, "meta", stack=stack)
+    meta = {k: torch.empty(v.shape, dtype=torch.bfloat16, device="meta") for k, v in mats.items()}
+    w13, _ = on_gpu.decode(meta)
+    assert on_gpu.names == ("w13", "w2") and w13.shape == (2 * i, d) and w13.dtype == torch.float32
+
+
+def test_cuda_memory_reported_beside_the_peak():
+    from mixtral_lite.runstats import format_stats
+
+    stats = {"load_s": 1.0, "prompt_tokens": 3, "ttft_s": 0.1, "generated_tokens": 4, "decode_tokens_per_s": 9.0,
+             "peak_rss_bytes": GIB, "peak_device_bytes": 2 * GIB, "device": "cuda:0",
+             "device_peak_reserved_bytes": 3 * GIB, "device_used_bytes": 4 * GIB, "device_total_bytes": 12 * GIB}
+    line = format_stats(stats).splitlines()[3]
+    assert "peak allocated 2048.0 MiB, peak reserved 3072.0 MiB, device in use 4096 of 12288 MiB" in line

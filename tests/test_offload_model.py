@@ -199,7 +199,8 @@ def test_cpu_slots_hold_the_compute_dtype():
         slot_views = engine._views[0][0]
         mats = engine.codec.decode(slot_views)
         assert all(m.dtype == torch.float32 for m in mats)
-        assert [m.data_ptr() for m in mats] == [slot_views[n].data_ptr() for n in engine.codec.names]  # in place
+        assert engine.codec.names == ("w13", "w2")  # w1 and w3 back to back: one product per decoding token
+        assert [m.data_ptr() for m in mats] == [slot_views[n].data_ptr() for n in ("w1", "w2")]  # in place
         got = greedy_logits(model, PROMPT, 4)
         assert got[0] == want[0] and torch.equal(got[1], want[1]), store
         s = model.experts.stats()
