@@ -79,8 +79,7 @@ class NaiveStreamer:
         index = index_tensors(groups, x.device)  # one pinned async copy, not two syncs per expert
         for slot, e in enumerate(groups):
             load_expert(self.transfer, self.host, self.codec, self.converting, layer, e, self.bufs[slot],
-                        self.views[slot], slot)
-            self.host.release(layer, e)
+                        self.views[slot], slot)  # releases the expert's pages once read
             self.transfer.wait(slot)
             t, c = index[e]
             y = self.fn(x[t], *self.codec.decode(self.views[slot]))

@@ -54,12 +54,14 @@ def slot_layout(codec: ExpertCodec, store: ExpertStore) -> Layout:
 def load_expert(transfer, store: ExpertStore, codec: ExpertCodec, converting: bool, layer: int, expert: int,
                 slot: torch.Tensor, slot_views: dict[str, torch.Tensor], key: int) -> None:
     """Start filling one slot with (layer, expert): a copy of the stored bytes, or, when the
-    slot holds the compute dtype (`converting`), the codec's converting fill."""
+    slot holds the compute dtype (`converting`), the codec's converting fill. The store releases
+    the expert's host pages once they have been read (on CUDA, by the copy thread)."""
     pieces = store.pieces(layer, expert)
+    done = lambda: store.release(layer, expert)  # noqa: E731
     if converting:
-        transfer.load_converting(pieces, key, store.pinned, codec, slot_views, store.layout)
+        transfer.load_converting(pieces, key, store.pinned, codec, slot_views, store.layout, done=done)
     else:
-        transfer.load(pieces, slot, key, store.pinned)
+        transfer.load(pieces, slot, key, store.pinned, done=done)
 
 
 class OffloadEngine:
@@ -95,7 +97,6 @@ class OffloadEngine:
             self.prefetcher.evicted(layer, evicted)
         load_expert(self.transfer, self.store, self.codec, self._converting, layer, expert,
                     self.cache.buffer(layer, slot), self._views[layer][slot], self.cache.key(layer, slot))
-        self.store.release(layer, expert)
         self.counters.loads[(layer, expert)] += 1
 
     def _issue(self, layer: int, pending: deque[int], pinned: set[int]) -> None:
@@ -174,6 +175,7 @@ class OffloadEngine:
             bytes_h2d=self.transfer.bytes_copied, stall_s=self.transfer.stall_seconds(),
             pool_bytes=self.cache.allocated_bytes, expert_bytes=self.store.layout.nbytes,
             prefetch_issued=p.issued, prefetch_used=p.used, prefetch_recall=p.recall(),
+            host_copy_s=getattr(self.transfer, "host_copy_s", 0.0),
         )
 
 

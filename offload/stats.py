@@ -14,7 +14,8 @@ class OffloadStats:
     loads: Counter = field(default_factory=Counter)  # (layer, expert) -> times copied to the device
 
     def report(self, *, bytes_h2d: int, stall_s: float, pool_bytes: int, expert_bytes: int,
-               prefetch_issued: int, prefetch_used: int, prefetch_recall: float | None) -> dict:
+               prefetch_issued: int, prefetch_used: int, prefetch_recall: float | None,
+               host_copy_s: float = 0.0) -> dict:
         """The stats dict merged into `generate`'s --stats-json (names are the documented keys)."""
         needed = self.hits + self.misses
         return {
@@ -28,6 +29,7 @@ class OffloadStats:
             "bytes_host_to_device": bytes_h2d,
             "bytes_per_token": bytes_h2d / self.tokens if self.tokens else None,
             "stall_s": stall_s,
+            "host_copy_s": host_copy_s,  # CUDA copy thread's time reading pageable (mmapped) experts
             "device_expert_bytes": pool_bytes,
             "expert_bytes": expert_bytes,
         }

@@ -6,6 +6,7 @@
     backend.pin(nbytes)                                 page-locked host bytes (uint8)
     backend.device_empty(nbytes, device)                device bytes (uint8)
     backend.record_stream(tensor, stream)               tensor's memory is used by work on `stream`
+    backend.submit(fn)                                  run fn on the copy thread (FIFO) -> job.result()
 
 `TorchCuda` is torch.cuda itself. tests/fake_cuda.py provides one that runs everything on the
 CPU and checks the happens-before order of every access to slots and staging buffers.
@@ -16,13 +17,17 @@ the engine, model and quantized-store tests run under the fake without a GPU.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
 
 
 class TorchCuda:
-    """The real CUDA runtime, through torch.cuda."""
+    """The real CUDA runtime, through torch.cuda, and one copy thread."""
+
+    def __init__(self):
+        self._pool: ThreadPoolExecutor | None = None
 
     def Stream(self, device: torch.device):  # noqa: N802  (mirrors torch.cuda.Stream)
         return torch.cuda.Stream(device)
@@ -44,6 +49,12 @@ class TorchCuda:
 
     def record_stream(self, tensor: torch.Tensor, stream) -> None:
         tensor.record_stream(stream)
+
+    def submit(self, fn):
+        """fn on the one copy thread (started on first use); torch's copies release the GIL."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="offload-copy")
+        return self._pool.submit(fn)
 
 
 _override: list = []

@@ -7,12 +7,14 @@
 CpuTransfer: plain synchronous copies; wait/release are no-ops; stall = the copy time.
 CudaTransfer: a dedicated copy stream. Pinned sources (the RAM store) are copied
 asynchronously straight from their buffer; pageable sources (mmapped files) are first
-memcpy'd into one of three pinned staging buffers (allocated on the first such load). Per-slot
+memcpy'd, by a copy thread, into one of three pinned staging buffers (allocated on the first
+such load), so the compute thread never waits on a memcpy out of the file. Per-slot
 events: `ready[key]` (copy done; the compute stream waits on it, so compute waits only for the
 expert it needs) and `free[key]` (compute's last read; the copy stream waits on it before
 overwriting the slot). No synchronize() per expert, no empty_cache(); stall is the compute
 stream's measured wait after a load (read from timing events without blocking until stats are
-asked for) plus the host's time memcpying pageable sources and waiting for staging buffers.
+asked for) plus the compute thread's waits for the copy thread; the copy thread's own time is
+`host_copy_s`.
 CUDA itself is reached through a backend object (offload/streams.py), so a fake one can check
 the ordering on a machine without a GPU.
 """
@@ -32,7 +34,7 @@ from offload.streams import TorchCuda, backend_for
 class Transfer(Protocol):
     bytes_copied: int
 
-    def load(self, pieces: list[Piece], dst: torch.Tensor, key: int, pinned: bool) -> None: ...
+    def load(self, pieces: list[Piece], dst: torch.Tensor, key: int, pinned: bool, done=None) -> None: ...
     def wait(self, key: int) -> None: ...
     def release(self, key: int) -> None: ...
     def stall_seconds(self) -> float: ...
@@ -56,18 +58,22 @@ class CpuTransfer:
         self.bytes_copied = 0
         self._stall = 0.0
 
-    def load(self, pieces: list[Piece], dst: torch.Tensor, key: int, pinned: bool) -> None:
+    def load(self, pieces: list[Piece], dst: torch.Tensor, key: int, pinned: bool, done=None) -> None:
         t0 = time.perf_counter()
         self.bytes_copied += _copy_pieces(pieces, dst)
         self._stall += time.perf_counter() - t0
+        if done is not None:
+            done()
 
     def load_converting(self, pieces: list[Piece], key: int, pinned: bool, codec, slot_views: dict,
-                        layout: Layout) -> None:
+                        layout: Layout, done=None) -> None:
         """A load that converts as it copies (the codec's `fill` writes the slot); layout.nbytes are moved."""
         t0 = time.perf_counter()
         codec.fill(pieces, slot_views)
         self.bytes_copied += layout.nbytes
         self._stall += time.perf_counter() - t0
+        if done is not None:
+            done()
 
     def wait(self, key: int) -> None:
         pass
@@ -106,10 +112,11 @@ class CudaTransfer:
         self._next = 0
         self._device_staging: torch.Tensor | None = None
         self._pending: set[int] = set()  # slots loaded since compute last waited on them
+        self._jobs: dict[int, object] = {}  # slot -> its pageable load, queued on the copy thread
         self._waiter: dict[int, object] = {}  # slot -> the stream that waited on its last load
         self.bytes_copied = 0
         self._stall = 0.0
-        self._host_s = 0.0  # host time spent on pageable loads: memcpy out of the file + staging waits
+        self.host_copy_s = 0.0  # copy-thread time on pageable loads: memcpy out of the file + staging waits
         self._timing: list[tuple] = []
         self._spare: list[tuple] = []
 
@@ -133,17 +140,36 @@ class CudaTransfer:
         self.staged[i].record(self.stream)
 
     # -- loads ---------------------------------------------------------------------------------
-    def load(self, pieces: list[Piece], dst: torch.Tensor, key: int, pinned: bool) -> None:
-        with self.cuda.stream(self.stream):
-            self._await_free(key)
-            self._to_device(pieces, dst, pinned)
-            self._mark_ready(key)
+    def load(self, pieces: list[Piece], dst: torch.Tensor, key: int, pinned: bool, done=None) -> None:
+        """Start filling slot `key`; done() runs once the host pieces have been read (e.g. to drop mapped pages)."""
+        def job():
+            with self.cuda.stream(self.stream):
+                self._await_free(key)
+                self._to_device(pieces, dst, pinned)
+                self._mark_ready(key)
+        self._start(key, pinned, job, done, pieces)
+
+    def _start(self, key: int, pinned: bool, job, done, pieces: list[Piece]) -> None:
+        """Pinned sources are enqueued here and now; pageable ones go to the copy thread, which memcpys out
+        of the file into the staging ring while this thread computes (wait() joins the job first)."""
         self._pending.add(key)
+        self.bytes_copied += sum(p.src.numel() for p in pieces)  # counted here: stats never race the thread
+        if pinned:
+            job()
+            if done is not None:
+                done()
+            return
+
+        def run():
+            job()
+            if done is not None:
+                done()
+        self._jobs[key] = self.cuda.submit(run)  # one worker, FIFO: a later job of the slot implies this one
 
     def _to_device(self, pieces: list[Piece], dst: torch.Tensor, pinned: bool) -> None:
         """Enqueue host pieces -> dst on the copy stream (the caller has entered it)."""
         if pinned:
-            self.bytes_copied += _copy_pieces(pieces, dst, non_blocking=True)
+            _copy_pieces(pieces, dst, non_blocking=True)
             return
         i = self._next
         self._next = (i + 1) % self.STAGING
@@ -152,27 +178,33 @@ class CudaTransfer:
             self.staging.append(self.cuda.pin(self.nbytes))
         self._claim_staging(i)
         buf = self.staging[i][: dst.numel()]
-        self.bytes_copied += _copy_pieces(pieces, buf)  # CPU memcpy out of the mapped file
-        self._host_s += time.perf_counter() - t0
+        _copy_pieces(pieces, buf)  # CPU memcpy out of the mapped file
+        self.host_copy_s += time.perf_counter() - t0
         dst.copy_(buf, non_blocking=True)
         self._mark_staged(i)
 
     def load_converting(self, pieces: list[Piece], key: int, pinned: bool, codec, slot_views: dict,
-                        layout: Layout) -> None:
+                        layout: Layout, done=None) -> None:
         """Copy the stored bytes into one device staging buffer, then convert them into the slot's
         kernel layout (`codec.convert`), both on the copy stream: the bus carries the packed bytes."""
-        with self.cuda.stream(self.stream):
-            if self._device_staging is None:  # allocated on the copy stream: only it ever uses the buffer
-                self._device_staging = self.cuda.device_empty(layout.nbytes, self.device)
-            buf = self._device_staging
-            self._await_free(key)
-            self._to_device(pieces, buf, pinned)
-            codec.convert(views(buf, layout), slot_views)  # stream order: buf is reused only after this
-            self._mark_ready(key)
-        self._pending.add(key)
+        def job():
+            with self.cuda.stream(self.stream):
+                if self._device_staging is None:  # allocated on the copy stream: only it uses the buffer
+                    self._device_staging = self.cuda.device_empty(layout.nbytes, self.device)
+                buf = self._device_staging
+                self._await_free(key)
+                self._to_device(pieces, buf, pinned)
+                codec.convert(views(buf, layout), slot_views)  # stream order: buf is reused only after this
+                self._mark_ready(key)
+        self._start(key, pinned, job, done, pieces)
 
     # -- compute side --------------------------------------------------------------------------
     def wait(self, key: int) -> None:
+        job = self._jobs.pop(key, None)
+        if job is not None:  # the copy thread must have enqueued the copy before compute can wait on it
+            t0 = time.perf_counter()
+            self._join(job)
+            self._stall += time.perf_counter() - t0
         compute = self.cuda.current_stream(self.device)
         if key not in self._pending:  # compute already waited on this copy: stream order suffices
             if self._waiter.get(key) != compute:
@@ -197,8 +229,14 @@ class CudaTransfer:
         another allocation before the copies enqueued so far have landed."""
         self.cuda.record_stream(tensor, self.stream)
 
+    def _join(self, job) -> None:
+        job.result()
+
     def close(self) -> None:
         """Wait for every copy in flight (an engine being dropped)."""
+        for job in list(self._jobs.values()):
+            self._join(job)
+        self._jobs.clear()
         self.stream.synchronize()
 
     def _fold(self, block: bool) -> None:
@@ -214,9 +252,9 @@ class CudaTransfer:
         self._timing = keep
 
     def stall_seconds(self) -> float:
-        """Compute's measured waits for copies plus the host's time on pageable loads."""
+        """Compute's measured waits for copies plus this thread's waits for the copy thread."""
         self._fold(block=True)
-        return self._stall + self._host_s
+        return self._stall
 
 
 def make_transfer(device: torch.device | str, num_slots: int, nbytes: int) -> Transfer:

@@ -8,6 +8,9 @@ whether they would be on a GPU. Each actor (the host and every stream) keeps a v
     event.record(S)                   event.clock = S.clock
     S.wait_event(e)                   S.clock |= e.clock
     e.synchronize(), S.synchronize()  host.clock |= e.clock (S.clock)
+    submit(job) ... job.result()      the copy thread starts after the submitter; the waiter learns its end
+The copy thread is a second host actor; its jobs run as late as they can (when a result is asked
+for), so a missing join shows up as a stale slot.
 
 Every aten op is seen through a TorchDispatchMode and attributed to the current stream when it
 touches a device buffer, to the host otherwise. Tracked buffers are the ones CudaTransfer gets
@@ -32,7 +35,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-HOST = "host"
+HOST = "host"  # the thread that computes
+COPIER = "copier"  # the transfer's copy thread (submit)
 
 
 class OrderViolation(AssertionError):
@@ -85,6 +89,16 @@ class FakeEvent:
         return 0.0
 
 
+class FakeJob:
+    def __init__(self, fake: FakeCuda, fn, start: dict[str, int]):
+        self.fake, self.fn, self.start, self.end, self.done = fake, fn, start, {}, False
+
+    def result(self) -> None:
+        while not self.done:
+            self.fake._run_next()
+        self.fake.host = join(self.fake.host, self.end)  # the waiting thread now knows what the job did
+
+
 @dataclass
 class Granule:
     write: tuple[str, int, str] | None = None  # (actor, tick, what)
@@ -105,7 +119,9 @@ class FakeCuda:
     """The backend (see offload/streams.py) plus the checker; `with fake.checking():` turns checks on."""
 
     def __init__(self):
-        self.host: dict[str, int] = {HOST: 0}
+        self.clocks: dict[str, dict[str, int]] = {HOST: {HOST: 0}}  # per host thread
+        self._actor = HOST  # the host thread running now
+        self._queue: list[FakeJob] = []
         self.default = FakeStream(self, "compute")
         self._stack = [self.default]
         self.streams = {self.default.name: self.default}
@@ -114,6 +130,30 @@ class FakeCuda:
         self.accesses = 0  # checked accesses (a test can assert the checker saw something)
 
     # -- the backend -----------------------------------------------------------------------
+    @property
+    def host(self) -> dict[str, int]:
+        """The clock of the host thread running now."""
+        return self.clocks[self._actor]
+
+    @host.setter
+    def host(self, clock: dict[str, int]) -> None:
+        self.clocks[self._actor] = clock
+
+    def submit(self, fn) -> FakeJob:
+        """The copy thread, at its laziest: a job runs only when its result (or a later one's) is asked for."""
+        job = FakeJob(self, fn, dict(self.host))
+        self._queue.append(job)
+        return job
+
+    def _run_next(self) -> None:
+        job, prev = self._queue.pop(0), self._actor
+        self._actor = COPIER
+        self.host = join(self.clocks.get(COPIER, {COPIER: 0}), job.start)  # after what the submitter did
+        try:
+            job.fn()
+        finally:
+            job.end, job.done, self._actor = dict(self.host), True, prev
+
     @property
     def current(self) -> FakeStream:
         return self._stack[-1]
@@ -174,12 +214,12 @@ class FakeCuda:
             if g.write is None:
                 continue
             actor, tick, what = g.write
-            if actor not in region.recorded | {region.home, HOST} and self.host.get(actor, 0) < tick:
+            if actor not in region.recorded | {region.home, *self.clocks} and self.host.get(actor, 0) < tick:
                 self.late.append(f"{region.name}[{i}] freed while {what} on {actor} may still be landing "
                                  f"(not record_stream'd on {actor}, never waited for)")
 
     def access(self, region: Region, lo: int, hi: int, write: bool, actor: str, tick: int, what: str) -> None:
-        clock = self.host if actor == HOST else self.streams[actor].clock
+        clock = self.clocks[actor] if actor in self.clocks else self.streams[actor].clock
         for i in range(lo // region.granule, (hi - 1) // region.granule + 1):
             g = region.granules[i]
             self.accesses += 1
@@ -251,8 +291,8 @@ class _Mode(TorchDispatchMode):
             if on_device:
                 actor, tick = fake.current.enqueue()
             else:
-                fake.host[HOST] += 1
-                actor, tick = HOST, fake.host[HOST]
+                actor = fake._actor
+                fake.host[actor] = tick = fake.host.get(actor, 0) + 1
             for region, (lo, hi), write in touched:
                 fake.access(region, lo, hi, write, actor, tick, what)
         return func(*args, **kwargs)
