@@ -160,8 +160,11 @@ class CudaTransfer:
                 done()
             return
 
+        inference = torch.is_inference_mode_enabled()  # thread-local: the copy thread takes the caller's
+
         def run():
-            job()
+            with torch.inference_mode(inference):  # slots made under inference mode may only be written in it
+                job()
             if done is not None:
                 done()
         self._jobs[key] = self.cuda.submit(run)  # one worker, FIFO: a later job of the slot implies this one
