@@ -173,3 +173,26 @@ def test_offload_suites_pass_under_the_fake():
                          cwd=root, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:]
     assert " passed" in out.stdout and "failed" not in out.stdout
+
+
+class ThreadedFake(FakeCuda):
+    """The fake's streams and events, but jobs on a real thread (as TorchCuda runs them); no checking."""
+
+    def submit(self, fn):
+        from concurrent.futures import ThreadPoolExecutor
+
+        if not hasattr(self, "_pool"):
+            self._pool = ThreadPoolExecutor(1)
+        return self._pool.submit(fn)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_copy_thread_for_real(ckpts, dtype):
+    """mmap loads on a real second thread, the engine built under inference mode (the slots are then
+    inference tensors, which the copy thread may write only in inference mode too): same numbers."""
+    fake = ThreadedFake()
+    with torch.inference_mode():
+        engine, tensors = build(ckpts, dtype, "mmap", fake)
+        scenario(engine, tensors)
+        engine.close()
+    assert not engine.transfer._jobs and engine.transfer.host_copy_s > 0
