@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from . import default_model_path
+from . import default_model_path, offloading
 from .config import DTYPES, ModelConfig
-from .generate import SHIPPED_EXPERTS_PER_LAYER, _default_dtype, offloading, pick_device
+from .generate import SHIPPED_EXPERTS_PER_LAYER, pick_device, pick_dtype
 from .model import load_model
 from .session import Session
 from .tokenizer import Tokenizer
@@ -54,8 +54,8 @@ def prepare(args) -> Callable[[], Session]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else _default_dtype(args.model, device)
     config = ModelConfig.from_dir(args.model)
+    dtype = pick_dtype(args.dtype, config, device)  # generate's rule: fp32 on the CPU, the checkpoint's on CUDA
     factory = offloading.build(args, config, device, dtype) if offloading else None
 
     def load() -> Session:
