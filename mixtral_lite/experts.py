@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from offload.engine import group_by_expert
 from offload.kernels import ACT, Int4Mat
+from offload.packing import views
 
 
 def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
@@ -63,21 +64,59 @@ class ExpertProvider(Protocol):
         ...
 
 
-def run_grouped(x: torch.Tensor, ids_host: list[list[int]], weights: torch.Tensor, get_expert) -> torch.Tensor:
-    """Group tokens by expert and accumulate; get_expert(e) -> (w1, w2, w3).
+def run_grouped(x: torch.Tensor, ids_host: list[list[int]], weights: torch.Tensor, get_expert,
+                expert_fn=swiglu_expert) -> torch.Tensor:
+    """Group tokens by expert and accumulate; get_expert(e) -> the matrices expert_fn takes after x.
 
     ids_host is ids as nested Python lists (already on the host), so this adds no sync.
     """
     out = torch.zeros_like(x)
     if len(ids_host) == 1:  # decode: one token, no gather/scatter
         for a, e in enumerate(ids_host[0]):
-            out += (weights[:, a : a + 1] * swiglu_expert(x, *get_expert(e))).to(x.dtype)
+            out += (weights[:, a : a + 1] * expert_fn(x, *get_expert(e))).to(x.dtype)
         return out
     for e, (tok, slot) in group_by_expert(ids_host).items():
         tok_idx = torch.tensor(tok, device=x.device)
         w = weights[tok_idx, torch.tensor(slot, device=x.device)].unsqueeze(1)
-        out.index_add_(0, tok_idx, (w * swiglu_expert(x[tok_idx], *get_expert(e))).to(x.dtype))
+        out.index_add_(0, tok_idx, (w * expert_fn(x[tok_idx], *get_expert(e))).to(x.dtype))
     return out
+
+
+class FusedResidentExperts:
+    """Every quantized expert resident in the fused kernel's layout, converted once at load.
+
+    What the offload engine's slots hold when every expert is cached, without the cache's
+    bookkeeping: the same products in the same order, so its output is bitwise the engine's.
+    """
+
+    wants_guess = False
+
+    def __init__(self, store, codec, device: torch.device | str):
+        self.store, self.codec = store, codec
+        self.buffers: list[torch.Tensor] = []
+        self.mats: list[list[tuple]] = []
+        device = torch.device(device)
+        for layer in range(store.num_layers):
+            row = []
+            for e in range(store.num_experts):
+                buf = torch.empty(codec.slot_layout.nbytes, dtype=torch.uint8, device=device)
+                slot = views(buf, codec.slot_layout)
+                if device.type == "cpu":
+                    codec.fill(store.pieces(layer, e), slot)
+                else:  # the packed bytes cross once, then convert on the device
+                    packed = torch.cat([p.src for p in store.pieces(layer, e)]).to(device)
+                    codec.convert(views(packed, codec.layout), slot)
+                store.release(layer, e)
+                self.buffers.append(buf)
+                row.append(codec.decode(slot))
+            self.mats.append(row)
+
+    def stats(self) -> dict:
+        return {"device_expert_bytes": sum(b.numel() for b in self.buffers), "expert_bytes": self.codec.layout.nbytes}
+
+    def run(self, layer, x, ids, weights, next_guess=None):
+        mats = self.mats[layer]
+        return run_grouped(x, ids.tolist(), weights, mats.__getitem__, swiglu_fused)
 
 
 class ResidentExperts:

@@ -19,11 +19,12 @@ import torch
 
 from offload.codec import PlainCodec
 from offload.engine import OffloadEngine, slot_layout
+from offload.fused import FusedCodec
 from offload.store import RamStore, SafetensorsSource
 
 from .checkpoint import expected_shapes, expert_name
 from .config import ModelConfig
-from .experts import expert_function
+from .experts import FusedResidentExperts, expert_function
 from .kv_cache import kv_cache_bytes
 from .offload_args import add_args, live_policies  # noqa: F401  (their home before)
 
@@ -55,8 +56,10 @@ class OffloadedExperts:
         return self.engine.stats()
 
 
-def dense_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Every non-expert weight in the compute dtype."""
+def dense_bytes(cfg: ModelConfig, dtype: torch.dtype, ckpt=None) -> int:
+    """Every non-expert weight on the device: in the compute dtype, or as a quantized store holds them."""
+    if hasattr(ckpt, "dense_device_bytes"):
+        return ckpt.dense_device_bytes(dtype)
     n = sum(torch.Size(s).numel() for name, s in expected_shapes(cfg).items() if ".experts." not in name)
     return n * dtype.itemsize
 
@@ -70,11 +73,11 @@ def runtime_bytes(cfg: ModelConfig, dtype: torch.dtype, window: int, chunk: int)
     return kv, chunk * (per_token + 4 * cfg.vocab_size)
 
 
-def slots_for_budget(args, cfg: ModelConfig, dtype: torch.dtype, expert_bytes: int) -> int:
+def slots_for_budget(args, cfg: ModelConfig, dtype: torch.dtype, expert_bytes: int, ckpt=None) -> int:
     """K from --device-memory; error naming the flag when even top_k slots do not fit."""
     window = cfg.sliding_window or getattr(args, "ctx_size", None) or cfg.max_position_embeddings
     kv, act = runtime_bytes(cfg, dtype, window, getattr(args, "batch_size", None) or 512)
-    dense, top = dense_bytes(cfg, dtype), cfg.experts_per_tok * cfg.num_layers * expert_bytes
+    dense, top = dense_bytes(cfg, dtype, ckpt), cfg.experts_per_tok * cfg.num_layers * expert_bytes
     left = int(args.device_memory * GIB) - dense - kv - act
     k = min(cfg.num_experts, max(left, 0) // (cfg.num_layers * expert_bytes))
     if k < cfg.experts_per_tok:
@@ -128,10 +131,13 @@ def make_factory(*, slots: int | None, store: str = "ram", prefetch: bool = True
     def factory(cfg: ModelConfig, ckpt, device, dtype) -> OffloadedExperts:
         device = torch.device(device)
         host, codec = open_experts(cfg, ckpt, store, device, dtype)
-        k = slots_for_budget(budget_args, cfg, dtype, slot_layout(codec, host).nbytes) if budget_args else slots
-        engine = OffloadEngine(host, codec, expert_function(codec), k or cfg.num_experts, device,
-                               policy=policy, prefetch=prefetch)
-        return OffloadedExperts(engine, prefetch)
+        k = slots_for_budget(budget_args, cfg, dtype, slot_layout(codec, host).nbytes, ckpt) if budget_args else slots
+        k = k or cfg.num_experts
+        if k == cfg.num_experts and isinstance(codec, FusedCodec):  # nothing to offload: no cache to keep
+            return FusedResidentExperts(host, codec, device)
+        guess = prefetch and k < cfg.num_experts  # with every expert cached a guess has nothing to load
+        engine = OffloadEngine(host, codec, expert_function(codec), k, device, policy=policy, prefetch=guess)
+        return OffloadedExperts(engine, guess)
     return factory
 
 
