@@ -128,13 +128,17 @@ def build(args, config: ModelConfig, device: torch.device, dtype: torch.dtype):
 def make_factory(*, slots: int | None, store: str = "ram", prefetch: bool = True, policy: str = "lru",
                  budget_args=None):
     """factory(config, checkpoint, device, dtype) -> OffloadedExperts."""
-    def factory(cfg: ModelConfig, ckpt, device, dtype) -> OffloadedExperts:
+    def factory(cfg: ModelConfig, ckpt, device, dtype) -> OffloadedExperts | FusedResidentExperts:
         device = torch.device(device)
+        if slots in (None, cfg.num_experts) and budget_args is None and hasattr(ckpt, "expert_store"):
+            # every expert cached: read each once through the mapping (no RAM copy of the store beside the
+            # converted experts) and keep it in the kernel's layout, with no cache to keep
+            host, codec = open_experts(cfg, ckpt, "mmap", device, dtype)
+            if isinstance(codec, FusedCodec):
+                return FusedResidentExperts(host, codec, device)
         host, codec = open_experts(cfg, ckpt, store, device, dtype)
         k = slots_for_budget(budget_args, cfg, dtype, slot_layout(codec, host).nbytes, ckpt) if budget_args else slots
         k = k or cfg.num_experts
-        if k == cfg.num_experts and isinstance(codec, FusedCodec):  # nothing to offload: no cache to keep
-            return FusedResidentExperts(host, codec, device)
         guess = prefetch and k < cfg.num_experts  # with every expert cached a guess has nothing to load
         engine = OffloadEngine(host, codec, expert_function(codec), k, device, policy=policy, prefetch=guess)
         return OffloadedExperts(engine, guess)
