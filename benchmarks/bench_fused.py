@@ -191,18 +191,6 @@ def markdown(result: dict) -> str:
     return "\n".join(out)
 
 
-def agreement(result: dict) -> dict:
-    """Share of greedy tokens the fused path shares with the dequantize-then-multiply path."""
-    out = {}
-    for t in result["threads"]:
-        rows = {r["label"]: r for r in result["rows"] if r["threads"] == t and "ids" in r}
-        a, b = rows.get("ours 4-bit fused", {}).get("ids"), rows.get("ours 4-bit dequant", {}).get("ids")
-        if a and b:
-            n = min(len(a), len(b))
-            out[str(t)] = sum(x == y for x, y in zip(a[:n], b[:n], strict=True)) / n
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="mixtral-1/8", help=f"shipped, one of {PRESETS}, or a checkpoint folder")
@@ -239,13 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": a.model, "checkpoint": str(src), "store": str(q4), "threads": a.threads,
               "tokens": a.tokens, "repeats": a.repeats, "prompt_tokens": PROMPT_LEN,
               "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}", "rows": rows}
-    result["fused_vs_dequant_token_agreement"] = agreement(result)
     from mixtral_lite.runstats import write_json_atomic
 
     name = "quick" if a.quick else a.model.replace("/", "-") if a.model in (*PRESETS, "shipped") else src.name
     write_json_atomic(RESULTS / f"bench_fused-{name}.json", result)
     print(markdown(result))
-    print(f"fused vs dequant greedy-token agreement: {result['fused_vs_dequant_token_agreement']}")
     return 0
 
 

@@ -32,8 +32,10 @@ CUBLAS_WORKSPACE = 64 * MIB  # cuBLAS / cuBLASLt workspaces of the compute and c
 MARGIN, MARGIN_MIN = 0.05, 256 * MIB  # fragmentation of the caching allocator
 
 
-def dense_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Every non-expert weight in the compute dtype."""
+def dense_bytes(cfg: ModelConfig, dtype: torch.dtype, ckpt=None) -> int:
+    """Every non-expert weight on the device: in the compute dtype, or as a quantized store holds them."""
+    if hasattr(ckpt, "dense_device_bytes"):
+        return ckpt.dense_device_bytes(dtype)
     n = sum(torch.Size(s).numel() for name, s in expected_shapes(cfg).items() if ".experts." not in name)
     return n * dtype.itemsize
 
@@ -77,13 +79,14 @@ class DevicePlan:
 
 
 def plan_slots(cfg: ModelConfig, dtype: torch.dtype, budget: int, slot_bytes: int, *, window: int, chunk: int,
-               device: torch.device, scratch: int = 0, measured: bool = False) -> DevicePlan:
+               device: torch.device, scratch: int = 0, measured: bool = False, dense: int | None = None) -> DevicePlan:
     """The largest K (up to num_experts) whose plan fits `budget` bytes; K may come out below top_k."""
     kv, act = runtime_bytes(cfg, dtype, window, chunk)
     overhead = 0
     if device.type == "cuda":
         overhead = CUBLAS_WORKSPACE + max(MARGIN_MIN, int(MARGIN * budget)) + (0 if measured else CUDA_CONTEXT)
-    plan = DevicePlan(budget, 0 if measured else dense_bytes(cfg, dtype), kv, act, scratch, overhead,
+    dense = dense_bytes(cfg, dtype) if dense is None else dense
+    plan = DevicePlan(budget, 0 if measured else dense, kv, act, scratch, overhead,
                       slot_bytes, cfg.num_layers)
     plan.k = min(cfg.num_experts, max(budget - plan.fixed(), 0) // (cfg.num_layers * slot_bytes))
     return plan
@@ -96,12 +99,12 @@ def free_bytes(device: torch.device) -> int:
 
 
 def choose_slots(cfg: ModelConfig, dtype: torch.dtype, slot_bytes: int, *, window: int, chunk: int,
-                 device: torch.device, scratch: int, gib: float | None) -> DevicePlan:
+                 device: torch.device, scratch: int, gib: float | None, dense: int | None = None) -> DevicePlan:
     """K from --device-memory GiB (gib), or from the free memory of a CUDA device; exits naming the flag."""
     measured = gib is None
     budget = free_bytes(device) if measured else int(gib * GIB)
     plan = plan_slots(cfg, dtype, budget, slot_bytes, window=window, chunk=chunk, device=device,
-                      scratch=scratch, measured=measured)
+                      scratch=scratch, measured=measured, dense=dense)
     what = "free device memory" if measured else f"--device-memory {gib:g} GiB"
     if plan.k < cfg.experts_per_tok:
         top = cfg.experts_per_tok * cfg.num_layers * slot_bytes

@@ -17,6 +17,7 @@ from offload.codec import PlainCodec
 from offload.engine import group_by_expert, index_tensors
 from offload.hostsync import to_host
 from offload.kernels import ACT, Int4Mat
+from offload.packing import views
 
 
 def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
@@ -98,6 +99,43 @@ def run_grouped(x: torch.Tensor, ids_host: list[list[int]], weights: torch.Tenso
         w = weights[tok_idx, choice_idx].unsqueeze(1)
         out.index_add_(0, tok_idx, (w * fn(x[tok_idx], *get_expert(e))).to(x.dtype))
     return out
+
+
+class FusedResidentExperts:
+    """Every quantized expert resident in the fused kernel's layout, converted once at load.
+
+    What the offload engine's slots hold when every expert is cached, without the cache's
+    bookkeeping: the same products in the same order, so its output is bitwise the engine's.
+    """
+
+    wants_guess = False
+
+    def __init__(self, store, codec, device: torch.device | str):
+        self.store, self.codec = store, codec
+        self.buffers: list[torch.Tensor] = []
+        self.mats: list[list[tuple]] = []
+        device = torch.device(device)
+        for layer in range(store.num_layers):
+            row = []
+            for e in range(store.num_experts):
+                buf = torch.empty(codec.slot_layout.nbytes, dtype=torch.uint8, device=device)
+                slot = views(buf, codec.slot_layout)
+                if device.type == "cpu":
+                    codec.fill(store.pieces(layer, e), slot)
+                else:  # the packed bytes cross once, then convert on the device
+                    packed = torch.cat([p.src for p in store.pieces(layer, e)]).to(device)
+                    codec.convert(views(packed, codec.layout), slot)
+                store.release(layer, e)
+                self.buffers.append(buf)
+                row.append(codec.decode(slot))
+            self.mats.append(row)
+
+    def stats(self) -> dict:
+        return {"device_expert_bytes": sum(b.numel() for b in self.buffers), "expert_bytes": self.codec.layout.nbytes}
+
+    def run(self, layer, x, ids, weights, next_guess=None):
+        mats = self.mats[layer]
+        return run_grouped(x, ids.tolist(), weights, mats.__getitem__, swiglu_fused)
 
 
 class ResidentExperts:

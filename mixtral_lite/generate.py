@@ -149,6 +149,8 @@ def _generate(args, cfg, model_dir: Path, tok, ids: list[int], window: int, devi
           f"{str(dtype).removeprefix('torch.')} ...", file=sys.stderr, flush=True)
     model = load_model(model_dir, device=device, dtype=dtype, experts=factory)
     load_s = time.perf_counter() - t0
+    if model.kernel_notes:  # which kernels the quantized weights run on, chosen once at load
+        print("kernels: " + ", ".join(f"{k} {v}" for k, v in model.kernel_notes.items()), file=sys.stderr)
     tracer = trace_model(model, args.trace_routing) if args.trace_routing else None
     try:
         stats = run(model, tok, ids, args, device, window)
@@ -156,6 +158,8 @@ def _generate(args, cfg, model_dir: Path, tok, ids: list[int], window: int, devi
         if tracer is not None:
             tracer.close()
     stats = {"load_s": load_s, "seed": args.seed, "threads": args.threads, **stats}
+    if model.kernel_notes:
+        stats["kernels"] = model.kernel_notes
     if model.experts is not None:
         stats |= model.experts.stats()
     print(format_stats(stats), file=sys.stderr)

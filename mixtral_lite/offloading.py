@@ -20,13 +20,14 @@ import torch
 
 from offload.codec import PlainCodec
 from offload.engine import OffloadEngine, slot_layout
+from offload.fused import FusedCodec
 from offload.hostsync import to_host
 from offload.store import RamStore, SafetensorsSource
 
 from .budget import GIB, DevicePlan, check_reserved, choose_slots, dense_bytes, runtime_bytes  # noqa: F401
 from .checkpoint import expert_name
 from .config import ModelConfig
-from .experts import expert_function
+from .experts import FusedResidentExperts, expert_function
 from .offload_args import add_args, live_policies  # noqa: F401  (their home before)
 
 ROLES = ("w1", "w2", "w3")  # the order swiglu_expert takes them
@@ -63,11 +64,12 @@ def slots_for_budget(args, cfg: ModelConfig, dtype: torch.dtype, expert_bytes: i
     return _plan(args, cfg, dtype, expert_bytes, scratch, device or torch.device("cpu"), args.device_memory).k
 
 
-def _plan(args, cfg: ModelConfig, dtype, slot_bytes: int, scratch: int, device, gib: float | None) -> DevicePlan:
+def _plan(args, cfg: ModelConfig, dtype, slot_bytes: int, scratch: int, device, gib: float | None,
+          ckpt=None) -> DevicePlan:
     # without flags (load_model's default for stores): generate's default -c 4096
     window = cfg.sliding_window or getattr(args, "ctx_size", None) or min(cfg.max_position_embeddings, 4096)
     return choose_slots(cfg, dtype, slot_bytes, window=window, chunk=getattr(args, "batch_size", None) or 512,
-                        device=device, scratch=scratch, gib=gib)
+                        device=device, scratch=scratch, gib=gib, dense=dense_bytes(cfg, dtype, ckpt))
 
 
 def scratch_bytes(codec, host, device: torch.device) -> int:
@@ -130,21 +132,29 @@ def make_factory(*, slots: int | None, store: str = "ram", prefetch: bool = True
             from .model import resident_experts  # model imports this module: import when called
 
             return resident_experts(cfg, ckpt, device, dtype)
-        host, codec = open_experts(cfg, ckpt, store, device, dtype)
         gib = getattr(budget_args, "device_memory", None)
+        if hasattr(ckpt, "expert_store") and (slots == cfg.num_experts or (
+                slots is None and gib is None and device.type != "cuda")):
+            # every expert cached: read each once through the mapping (no RAM copy of the store beside the
+            # converted experts) and keep it in the kernel's layout, with no cache to keep
+            host, codec = open_experts(cfg, ckpt, "mmap", device, dtype)
+            if isinstance(codec, FusedCodec):
+                return FusedResidentExperts(host, codec, device)
+        host, codec = open_experts(cfg, ckpt, store, device, dtype)
         plan = None
         if slots is None and (gib is not None or device.type == "cuda"):
             plan = _plan(budget_args, cfg, dtype, slot_layout(codec, host).nbytes,
-                         scratch_bytes(codec, host, device), device, gib)
+                         scratch_bytes(codec, host, device), device, gib, ckpt)
         k = plan.k if plan else slots or cfg.num_experts
         before = torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
-        engine = OffloadEngine(host, codec, expert_function(codec), k, device, policy=policy, prefetch=prefetch,
+        guess = prefetch and k < cfg.num_experts  # with every expert cached a guess has nothing to load
+        engine = OffloadEngine(host, codec, expert_function(codec), k, device, policy=policy, prefetch=guess,
                                transfer=transfer)
         if plan is not None and device.type == "cuda":
             warning = check_reserved(plan, torch.cuda.memory_reserved(device) - before)
             if warning:
                 print(warning, file=sys.stderr)
-        return OffloadedExperts(engine, prefetch)
+        return OffloadedExperts(engine, guess)
     return factory
 
 

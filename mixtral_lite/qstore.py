@@ -214,6 +214,20 @@ class QStore:
         """A quantized dense tensor's packed bytes (CPU) and its int4 settings (None for int8)."""
         return self._read(name), self._dense_specs.get(name)
 
+    def dense_device_bytes(self, dtype: torch.dtype) -> int:
+        """Device bytes of the dense weights once loaded: plain ones in dtype, quantized ones in the fused
+        kernels' layouts (int4: half a byte a weight + bf16 scale and zero per group; int8: a byte + a scale)."""
+        total = 0
+        for name, shape in self._expected.items():
+            kind, n = self.quantized.get(name), torch.Size(shape).numel()
+            if kind == "int4":
+                total += n // 2 + n // self._dense_specs[name].group_size * 4
+            elif kind == "int8":
+                total += n + shape[0] * 6
+            else:
+                total += n * dtype.itemsize
+        return total
+
     @property
     def expert_bytes(self) -> int:
         """Bytes of one packed expert: what crosses to the device per miss."""

@@ -32,8 +32,8 @@ def device_bytes(model, cache_bytes: int, device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
+    for p in (*model.parameters(), *model.buffers()):  # buffers: weights held in fused-kernel layouts
+        if p.numel() and p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
     return total + cache_bytes + expert_device_bytes(model)

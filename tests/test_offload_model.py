@@ -54,7 +54,7 @@ def test_offloaded_equals_resident_for_every_k(resident, store, prefetch):
         assert s["expert_hits"] + s["expert_misses"] > 0
         assert s["device_expert_bytes"] == k * cfg.num_layers * s["expert_bytes"]
         assert s["bytes_host_to_device"] == (s["expert_misses"] + s["prefetch_issued"]) * s["expert_bytes"]
-        assert (s["prefetch_issued"] > 0) == prefetch
+        assert (s["prefetch_issued"] > 0) == (prefetch and k < cfg.num_experts)  # all cached: nothing to guess
         if k == cfg.num_experts:  # room for every expert: none crosses twice
             assert max(model.experts.engine.counters.loads.values()) == 1
 

@@ -203,7 +203,9 @@ def test_corrupt_expert_fails_checksum_naming_it(stores, tmp_path):
     file.write_bytes(bytes(data))
     with pytest.raises(StoreError, match="layer 1 expert 2 fails its checksum"):
         load_model(dst, experts=offloading.make_factory(slots=2, store="ram"))
-    model = load_model(dst, experts=offloading.make_factory(slots=4, store="mmap", prefetch=False))
+    with pytest.raises(StoreError, match="layer 1 expert 2 fails its checksum"):
+        load_model(dst)  # every expert resident: converted, so verified, at load
+    model = load_model(dst, experts=offloading.make_factory(slots=3, store="mmap", prefetch=False))
     with pytest.raises(StoreError, match="layer 1 expert 2 fails its checksum"):
         model(torch.arange(1, 200).view(1, -1))  # mmap verifies at first use; 199 tokens use every expert
     assert zlib.crc32(bytes(data[info.start : info.start + info.nbytes])) != \
