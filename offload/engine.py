@@ -11,7 +11,9 @@ One step of layer l, given ids already on the host (the caller's single sync):
   2. start loads for the misses (as many as slots allow without touching pinned ones);
   3. once every demand load is issued, start the prefetch of the guessed experts into
      layer l+1's slots (never layer l's), so speculation never delays a needed copy;
-  4. compute resident experts first, then misses as they arrive; each computed expert
+  4. compute resident experts first (queued on the device), then the misses the miss policy
+     sends to the host (computed from the host store while the device works: offload/host_experts.py,
+     never admitted to the cache), then the copied misses as they arrive; each computed expert
      is unpinned, freeing its slot for misses still pending (prefill with > K experts);
   5. sum the outputs in the same order as `run_grouped` (so fp results are bitwise equal
      to all-resident experts, whatever order the experts were computed in).
@@ -19,6 +21,7 @@ One step of layer l, given ids already on the host (the caller's single sync):
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -26,6 +29,8 @@ import torch
 
 from offload.cache import ExpertCache
 from offload.codec import ExpertCodec
+from offload.host_experts import HostExperts
+from offload.miss_policy import MissPolicy
 from offload.packing import Layout, views
 from offload.prefetch import Prefetcher
 from offload.stats import OffloadStats
@@ -71,8 +76,11 @@ class OffloadEngine:
         self, store: ExpertStore, codec: ExpertCodec, expert_fn: Callable[..., torch.Tensor],
         slots: int, device: torch.device | str, policy: str = "lru", prefetch: bool = True,
         transfer: Callable[[int, int], Transfer] | None = None,
+        miss_policy: MissPolicy | None = None, host: HostExperts | None = None,
     ):
-        """transfer: (num_slots, nbytes) -> Transfer, instead of make_transfer's choice for `device`."""
+        """transfer: (num_slots, nbytes) -> Transfer, instead of make_transfer's choice for `device`.
+        miss_policy: how many of a layer's misses to copy (default: all); the others run on `host`
+        (default on the CPU device: the engine's own codec and expert function)."""
         if codec.layout != store.layout:
             raise ValueError("the codec's layout differs from the store's packed layout")
         self.store, self.codec, self.expert_fn, self.prefetch = store, codec, expert_fn, prefetch
@@ -90,6 +98,12 @@ class OffloadEngine:
                        for layer in range(self.layers)]
         self.prefetcher = Prefetcher(self.layers)
         self.counters = OffloadStats()
+        self.miss_policy = miss_policy or MissPolicy("copy")
+        if host is None and self.miss_policy.mode != "copy":
+            if torch.device(device).type != "cpu":
+                raise ValueError("misses on the host need a HostExperts with a CPU codec on this device")
+            host = HostExperts(store, codec, expert_fn)
+        self.host = host
 
     def _load(self, layer: int, expert: int, pinned: set[int]) -> None:
         slot, evicted = self.cache.place(layer, expert, pinned)
@@ -132,6 +146,25 @@ class OffloadEngine:
         self.transfer.release(key)
         return y
 
+    def _on_host(self, layer: int, expert: int, x: torch.Tensor, x_host: torch.Tensor, tok: list[int] | None):
+        """One miss computed on the host from the host store; its result goes back to x's device."""
+        t0 = time.perf_counter()
+        rows = x_host if tok is None else x_host[torch.tensor(tok)]
+        y = self.host.run(layer, expert, rows).to(x.device)
+        c = self.counters
+        c.cpu_runs += 1
+        c.cpu_s += time.perf_counter() - t0
+        c.copies_avoided_bytes += self.store.layout.nbytes
+        return y
+
+    def _split(self, hits: list[int], misses: list[int]) -> tuple[list[int], list[int]]:
+        """(misses to copy, misses to run on the host), by the miss policy."""
+        n = self.miss_policy.copies(len(hits), len(misses)) if self.host is not None else len(misses)
+        self.counters.hits += len(hits)
+        self.counters.misses += len(misses)
+        self.counters.copies += n
+        return misses[:n], misses[n:]
+
     def run(
         self, layer: int, x: torch.Tensor, ids_host: list[list[int]], weights: torch.Tensor,
         guess_host: list[list[int]] | None = None,
@@ -141,9 +174,7 @@ class OffloadEngine:
         needed = list(groups)
         self.prefetcher.observe(layer, set(needed))
         hits = [e for e in needed if self.cache.slot_of(layer, e) is not None]
-        misses = [e for e in needed if self.cache.slot_of(layer, e) is None]
-        self.counters.hits += len(hits)
-        self.counters.misses += len(misses)
+        misses, on_host = self._split(hits, [e for e in needed if self.cache.slot_of(layer, e) is None])
         if layer == 0:
             self.counters.tokens += x.shape[0]
         for e in needed:
@@ -155,7 +186,17 @@ class OffloadEngine:
         guess = self._prefetch_when_idle(layer + 1, guess, pending)
         index = index_tensors(groups, x.device) if x.shape[0] > 1 else None
         outputs = {}
-        for e in hits + misses:  # resident first, while the misses are in flight
+        # the rows every host expert reads, in one copy taken before the hits are queued (on CUDA a copy
+        # after them would wait for them)
+        x_host = x.to("cpu") if on_host else None
+        for e in hits:  # resident first, queued on the device while the misses are in flight
+            outputs[e] = self._compute(layer, e, x, None if index is None else index[e][0])
+            pinned.discard(e)
+            self._issue(layer, pending, pinned)
+            guess = self._prefetch_when_idle(layer + 1, guess, pending)
+        for e in on_host:  # on the host while the device computes the hits
+            outputs[e] = self._on_host(layer, e, x, x_host, None if index is None else groups[e][0])
+        for e in misses:
             if self.cache.slot_of(layer, e) is None:
                 self._issue(layer, pending, pinned)
             outputs[e] = self._compute(layer, e, x, None if index is None else index[e][0])
@@ -176,7 +217,7 @@ class OffloadEngine:
             pool_bytes=self.cache.allocated_bytes, expert_bytes=self.store.layout.nbytes,
             prefetch_issued=p.issued, prefetch_used=p.used, prefetch_recall=p.recall(),
             host_copy_s=getattr(self.transfer, "host_copy_s", 0.0),
-        )
+        ) | {"miss_policy": self.miss_policy.mode}
 
 
 def index_tensors(groups: dict, device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

@@ -10,7 +10,11 @@ from dataclasses import dataclass, field
 class OffloadStats:
     tokens: int = 0  # tokens that went through layer 0
     hits: int = 0  # needed experts already resident (including ones a prefetch brought)
-    misses: int = 0  # needed experts loaded on demand
+    misses: int = 0  # needed experts not resident: copied on demand (copies) or run on the host (cpu_runs)
+    copies: int = 0
+    cpu_runs: int = 0
+    cpu_s: float = 0.0  # wall time of the host runs, from the rows' copy to the result back on the device
+    copies_avoided_bytes: int = 0  # packed bytes the host runs did not copy
     loads: Counter = field(default_factory=Counter)  # (layer, expert) -> times copied to the device
 
     def report(self, *, bytes_h2d: int, stall_s: float, pool_bytes: int, expert_bytes: int,
@@ -21,6 +25,10 @@ class OffloadStats:
         return {
             "expert_hits": self.hits,
             "expert_misses": self.misses,
+            "expert_copies": self.copies,
+            "cpu_expert_runs": self.cpu_runs,
+            "cpu_expert_s": self.cpu_s,
+            "copies_avoided_bytes": self.copies_avoided_bytes,
             "hit_rate": self.hits / needed if needed else None,
             "prefetch_issued": prefetch_issued,
             "prefetch_used": prefetch_used,

@@ -1,0 +1,76 @@
+"""Missed experts computed on the host, straight from the host store, instead of copied into a slot.
+
+Only the activations cross the bus: the expert's packed bytes are converted into ONE host scratch slot
+(allocated once, the host codec's `slot_layout`, via `codec.fill`) and the host codec's kernel runs on
+the rows moved to the host. On the CPU device the host codec is the engine's own codec, so a CPU run
+performs exactly the operations a copy into a slot followed by a compute performs: bitwise the same.
+The expert is never admitted to the cache by this path.
+
+`calibrate` measures the cost model's three figures once at start-up (offload/miss_policy.py).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from offload.miss_policy import Costs
+from offload.packing import views
+
+
+class HostExperts:
+    """One host scratch slot and the host codec's expert function."""
+
+    def __init__(self, store, codec, expert_fn):
+        if not hasattr(codec, "fill"):
+            raise ValueError("computing missed experts on the host needs a codec with a CPU fill")
+        held = getattr(codec, "slot_layout", codec.layout)
+        self.store, self.codec, self.expert_fn = store, codec, expert_fn
+        self._buf = torch.empty(held.nbytes, dtype=torch.uint8)
+        self._views = views(self._buf, held)
+
+    def run(self, layer: int, expert: int, x_host: torch.Tensor) -> torch.Tensor:
+        """expert(x_host) on the host; the store's pages for it are released once read."""
+        self.codec.fill(self.store.pieces(layer, expert), self._views)
+        self.store.release(layer, expert)
+        return self.expert_fn(x_host, *self.codec.decode(self._views))
+
+
+def _best_of(fn, n: int = 3, sync=lambda: None) -> float:
+    best = float("inf")
+    for _ in range(n):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def calibrate(host: HostExperts, engine_codec, device_fn, dim: int, dtype: torch.dtype,
+              device: torch.device) -> Costs:
+    """Seconds per expert: a pinned host -> device copy of one packed expert, one host-kernel expert
+    (the configured threads), one device expert. On the CPU device the copy is the fill into a slot."""
+    x = torch.randn(1, dim, dtype=dtype)
+    cpu = _best_of(lambda: host.run(0, 0, x))
+    nbytes = host.store.layout.nbytes
+    if device.type != "cuda":
+        return Costs(copy=_best_of(lambda: host.codec.fill(host.store.pieces(0, 0), host._views)), cpu=cpu,
+                     gpu=_best_of(lambda: host.expert_fn(x, *host.codec.decode(host._views))))
+    sync = lambda: torch.cuda.synchronize(device)  # noqa: E731
+    src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    copy = _best_of(lambda: dst.copy_(src, non_blocking=True), sync=sync)
+    src.copy_(torch.cat([p.src for p in host.store.pieces(0, 0)])[:nbytes])
+    dst.copy_(src)
+    held = getattr(engine_codec, "slot_layout", engine_codec.layout)
+    if held != engine_codec.layout:  # the device slot holds the kernel's layout: convert once
+        slot = torch.empty(held.nbytes, dtype=torch.uint8, device=device)
+        engine_codec.convert(views(dst, engine_codec.layout), views(slot, held))
+    else:
+        slot = dst
+    from_slot = views(slot, held)
+    xd = x.to(device)
+    gpu = _best_of(lambda: device_fn(xd, *engine_codec.decode(from_slot)), sync=sync)
+    return Costs(copy=copy, cpu=cpu, gpu=gpu)

@@ -1,0 +1,63 @@
+"""Misses served on the host (offload/host_experts.py) or copied: bitwise the same outputs, stats that add up."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_offload_engine import DIM, EXPERT_BYTES, INTER, E, L, drive, steps
+from test_offload_synth import make_engine, make_experts, write_checkpoint
+
+from offload.miss_policy import MissPolicy
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    tensors = make_experts(L, E, INTER, DIM)
+    return tensors, write_checkpoint(tmp_path_factory.mktemp("experts"), tensors, shards=2)
+
+
+def policies():
+    return {"copy": MissPolicy("copy"), "cpu": MissPolicy("cpu"),
+            "mix": MissPolicy("auto", script=lambda step, hits, misses: step % (misses + 1))}
+
+
+def engine_with(files, policy, **kw):
+    return make_engine(files, L, E, INTER, DIM, miss_policy=policy, **kw)
+
+
+@pytest.mark.parametrize("store", ["ram", "mmap"])
+@pytest.mark.parametrize("top_k,tokens", [(2, 1), (2, 5), (3, 4)])
+@pytest.mark.parametrize("name", ["copy", "cpu", "mix"])
+def test_every_miss_policy_is_bitwise_equal(ckpt, store, top_k, tokens, name):
+    tensors, files = ckpt
+    for slots in (top_k, E - 1):
+        engine = engine_with(files, policies()[name], slots=slots, store=store, prefetch=True)
+        drive(engine, tensors, steps(slots + tokens, top_k, tokens, 5), guess=True)
+        s = engine.stats()
+        assert s["expert_hits"] + s["expert_copies"] + s["cpu_expert_runs"] == s["expert_hits"] + s["expert_misses"]
+        assert s["copies_avoided_bytes"] == s["cpu_expert_runs"] * EXPERT_BYTES
+        assert s["bytes_host_to_device"] == (s["expert_copies"] + s["prefetch_issued"]) * EXPERT_BYTES
+        if name == "cpu":
+            assert s["expert_copies"] == 0 and s["cpu_expert_runs"] == s["expert_misses"] > 0
+        if name == "copy":
+            assert s["cpu_expert_runs"] == 0 and s["cpu_expert_s"] == 0.0
+
+
+def test_host_runs_are_not_admitted(ckpt):
+    tensors, files = ckpt
+    engine = engine_with(files, MissPolicy("cpu"), slots=2, store="ram", prefetch=False)
+    x = torch.randn(1, DIM)
+    engine.run(0, x, [[0, 1]], torch.tensor([[0.5, 0.5]]))
+    assert engine.cache.resident(0) == [] and engine.stats()["cpu_expert_runs"] == 2
+
+
+def test_uses_add_up_across_a_prefill_with_more_experts_than_slots(ckpt):
+    tensors, files = ckpt
+    engine = engine_with(files, policies()["mix"], slots=2, store="mmap", prefetch=False)
+    run_steps = steps(7, 2, 8, 1)
+    for _, ids, _ in run_steps[0]:
+        ids[:] = [[t % E, (t + 3) % E] for t in range(8)]
+    drive(engine, tensors, run_steps, guess=False)
+    s = engine.stats()
+    assert s["expert_misses"] == L * E == s["expert_copies"] + s["cpu_expert_runs"]
+    assert 0 < s["cpu_expert_runs"] < L * E
