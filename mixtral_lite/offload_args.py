@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from offload.miss_policy import MISS_POLICIES
 from offload.policy import POLICIES, make_policy
 
 from .cli import POSITIVE, positive_float
@@ -34,3 +35,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="device budget in GiB; the expert slots get what dense weights, KV cache and "
                         "activations leave (instead of --experts-per-layer)")
     g.add_argument("--cache-policy", choices=live_policies(), default="lru", help="expert eviction policy")
+    g.add_argument("--miss-policy", choices=MISS_POLICIES,
+                   help="where a missed expert runs: copied into a slot (copy), on the CPU from the host store "
+                        "(cpu), or per layer whichever ends the layer sooner by a cost model measured at start-up "
+                        "(auto; the default on CUDA; on the CPU device copy)")
+    g.add_argument("--cpu-threads", type=POSITIVE, metavar="N",
+                   help="threads for the experts run on the host while the GPU computes (CUDA; on the CPU "
+                        "device -t sets them)")

@@ -10,6 +10,7 @@ expert math (SwiGLU), and turns flags into an `OffloadEngine`:
     --device-memory GB      choose K from a device budget instead (GiB; mixtral_lite/budget.py)
     (none of them, on CUDA) K from the free device memory, never every expert blindly
     --cache-policy NAME     eviction policy (offload/policy.py)
+    --miss-policy {auto,copy,cpu}  where a miss runs (offload/miss_policy.py); --cpu-threads N its host threads
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import torch
 from offload.codec import PlainCodec
 from offload.engine import OffloadEngine, slot_layout
 from offload.fused import FusedCodec
+from offload.host_experts import HostExperts, calibrate
 from offload.hostsync import to_host
+from offload.miss_policy import MissPolicy
 from offload.store import RamStore, SafetensorsSource
 
 from .budget import GIB, DevicePlan, check_reserved, choose_slots, dense_bytes, runtime_bytes  # noqa: F401
@@ -110,21 +113,27 @@ def build(args, config: ModelConfig, device: torch.device, dtype: torch.dtype):
     k = args.experts_per_layer
     if (k is None or k == config.num_experts) and args.store is None and args.device_memory is None:
         if k is None and device.type == "cuda":  # a quantized store must not ask for all its experts
-            return make_factory(slots=None, prefetch=args.prefetch == "next", policy=args.cache_policy,
-                                budget_args=args, resident_checkpoints=True)
+                return make_factory(slots=None, prefetch=args.prefetch == "next", policy=args.cache_policy,
+                                budget_args=args, resident_checkpoints=True, **_miss_args(args))
         return None
     return make_factory(slots=k, store=args.store or "ram", prefetch=args.prefetch == "next",
-                        policy=args.cache_policy, budget_args=args if k is None else None)
+                        policy=args.cache_policy, budget_args=args if k is None else None, **_miss_args(args))
+
+
+def _miss_args(args) -> dict:
+    return {"miss_policy": getattr(args, "miss_policy", None), "cpu_threads": getattr(args, "cpu_threads", None)}
 
 
 def make_factory(*, slots: int | None, store: str = "ram", prefetch: bool = True, policy: str = "lru",
-                 budget_args=None, transfer=None, resident_checkpoints: bool = False):
+                 budget_args=None, transfer=None, resident_checkpoints: bool = False,
+                 miss_policy: str | MissPolicy | None = None, cpu_threads: int | None = None):
     """factory(config, checkpoint, device, dtype) -> OffloadedExperts.
 
     slots None: K from budget_args.device_memory when given, else on CUDA from the free device memory
     (never every expert blindly: 22 GiB at 4 bits), else (the CPU) every expert.
     transfer: passed to OffloadEngine (a test's transfer over the fake CUDA backend).
     resident_checkpoints: a Hugging Face checkpoint keeps every expert resident (only stores offload).
+    miss_policy: auto, copy or cpu (default auto on CUDA, copy on the CPU), or a MissPolicy (a test's script).
     """
     def factory(cfg: ModelConfig, ckpt, device, dtype) -> OffloadedExperts:
         device = torch.device(device)
@@ -148,14 +157,47 @@ def make_factory(*, slots: int | None, store: str = "ram", prefetch: bool = True
         k = plan.k if plan else slots or cfg.num_experts
         before = torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
         guess = prefetch and k < cfg.num_experts  # with every expert cached a guess has nothing to load
+        misses, host_side = _misses(miss_policy, cpu_threads, k < cfg.num_experts, cfg, ckpt, host, codec,
+                                    device, dtype)
         engine = OffloadEngine(host, codec, expert_function(codec), k, device, policy=policy, prefetch=guess,
-                               transfer=transfer)
+                               transfer=transfer, miss_policy=misses, host=host_side)
         if plan is not None and device.type == "cuda":
             warning = check_reserved(plan, torch.cuda.memory_reserved(device) - before)
             if warning:
                 print(warning, file=sys.stderr)
         return OffloadedExperts(engine, guess)
     return factory
+
+
+def _misses(choice, threads, offloading: bool, cfg, ckpt, host, codec, device, dtype):
+    """(MissPolicy, HostExperts or None); auto is calibrated here and the cost model printed."""
+    if isinstance(choice, MissPolicy):  # a test's policy, e.g. a scripted mix
+        return choice, _host_side(ckpt, host, codec, device, dtype)
+    mode = choice or ("auto" if device.type == "cuda" else "copy")
+    if mode == "auto" and device.type != "cuda":
+        # both paths run on the same cores: a host run saves no time that a copy would cost
+        print("miss policy: auto on the CPU device copies (both paths share the cores)", file=sys.stderr)
+        mode = "copy"
+    if mode == "copy" or not offloading:
+        return MissPolicy("copy"), None
+    if threads is not None and device.type == "cuda":
+        torch.set_num_threads(threads)
+    side = _host_side(ckpt, host, codec, device, dtype)
+    costs = calibrate(side, codec, expert_function(codec), cfg.hidden_size, dtype, device) if mode == "auto" else None
+    policy = MissPolicy(mode, costs)
+    print(policy.describe(), file=sys.stderr)
+    return policy, side
+
+
+def _host_side(ckpt, host, codec, device, dtype) -> HostExperts:
+    """Experts computed on the host: the engine's own codec on the CPU device, a CPU codec beside a GPU."""
+    if device.type == "cpu":
+        h_codec = codec
+    elif hasattr(ckpt, "expert_store"):
+        h_codec = ckpt.codec(torch.device("cpu"), dtype)
+    else:
+        h_codec = PlainCodec(host.layout, ROLES, dtype, "cpu", stack={"w13": ("w1", "w3")})
+    return HostExperts(host, h_codec, expert_function(h_codec))
 
 
 def default_factory():

@@ -94,6 +94,10 @@ def _expert_lines(stats: dict) -> list[str]:
     mib = 1024 * 1024
     lines = [f"experts: hit rate {stats['hit_rate'] or 0:.3f} ({stats['expert_hits']} hits, "
              f"{stats['expert_misses']} misses over prompt and generated tokens)"]
+    if stats.get("cpu_expert_runs"):
+        lines.append(f"misses: {stats['expert_copies']} copied, {stats['cpu_expert_runs']} run on the CPU "
+                     f"({stats['cpu_expert_s']:.3f} s), {stats['copies_avoided_bytes'] / mib:.1f} MiB of copies "
+                     f"avoided ({stats.get('miss_policy')})")
     recall = stats.get("prefetch_recall")  # None when prefetch is off (no guesses to score)
     if recall is None:
         lines.append("prefetch: off")

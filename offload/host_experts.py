@@ -23,8 +23,6 @@ class HostExperts:
     """One host scratch slot and the host codec's expert function."""
 
     def __init__(self, store, codec, expert_fn):
-        if not hasattr(codec, "fill"):
-            raise ValueError("computing missed experts on the host needs a codec with a CPU fill")
         held = getattr(codec, "slot_layout", codec.layout)
         self.store, self.codec, self.expert_fn = store, codec, expert_fn
         self._buf = torch.empty(held.nbytes, dtype=torch.uint8)
@@ -32,9 +30,17 @@ class HostExperts:
 
     def run(self, layer: int, expert: int, x_host: torch.Tensor) -> torch.Tensor:
         """expert(x_host) on the host; the store's pages for it are released once read."""
-        self.codec.fill(self.store.pieces(layer, expert), self._views)
+        self._fill(self.store.pieces(layer, expert))
         self.store.release(layer, expert)
         return self.expert_fn(x_host, *self.codec.decode(self._views))
+
+    def _fill(self, pieces) -> None:
+        """What a CPU load into a slot does: the codec's converting fill, or (slots of stored bytes) a copy."""
+        if hasattr(self.codec, "fill"):
+            self.codec.fill(pieces, self._views)
+            return
+        for p in pieces:
+            self._buf[p.offset : p.offset + p.src.numel()].copy_(p.src)
 
 
 def _best_of(fn, n: int = 3, sync=lambda: None) -> float:
@@ -56,7 +62,7 @@ def calibrate(host: HostExperts, engine_codec, device_fn, dim: int, dtype: torch
     cpu = _best_of(lambda: host.run(0, 0, x))
     nbytes = host.store.layout.nbytes
     if device.type != "cuda":
-        return Costs(copy=_best_of(lambda: host.codec.fill(host.store.pieces(0, 0), host._views)), cpu=cpu,
+        return Costs(copy=_best_of(lambda: host._fill(host.store.pieces(0, 0))), cpu=cpu,
                      gpu=_best_of(lambda: host.expert_fn(x, *host.codec.decode(host._views))))
     sync = lambda: torch.cuda.synchronize(device)  # noqa: E731
     src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()

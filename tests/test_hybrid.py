@@ -61,3 +61,13 @@ def test_uses_add_up_across_a_prefill_with_more_experts_than_slots(ckpt):
     s = engine.stats()
     assert s["expert_misses"] == L * E == s["expert_copies"] + s["cpu_expert_runs"]
     assert 0 < s["cpu_expert_runs"] < L * E
+
+
+def test_calibration_on_the_cpu_measures_three_positive_costs(ckpt):
+    from offload.host_experts import calibrate
+
+    _, files = ckpt
+    engine = engine_with(files, MissPolicy("cpu"), slots=2, store="ram", prefetch=False)
+    c = calibrate(engine.host, engine.codec, engine.expert_fn, DIM, torch.float32, torch.device("cpu"))
+    assert c.copy > 0 and c.cpu > 0 and c.gpu > 0
+    assert "ms/expert" in MissPolicy("auto", c).describe()
