@@ -157,9 +157,9 @@ class OffloadEngine:
         c.copies_avoided_bytes += self.store.layout.nbytes
         return y
 
-    def _split(self, hits: list[int], misses: list[int]) -> tuple[list[int], list[int]]:
+    def _split(self, hits: list[int], misses: list[int], rows: int) -> tuple[list[int], list[int]]:
         """(misses to copy, misses to run on the host), by the miss policy."""
-        n = self.miss_policy.copies(len(hits), len(misses)) if self.host is not None else len(misses)
+        n = self.miss_policy.copies(len(hits), len(misses), rows) if self.host is not None else len(misses)
         self.counters.hits += len(hits)
         self.counters.misses += len(misses)
         self.counters.copies += n
@@ -174,7 +174,7 @@ class OffloadEngine:
         needed = list(groups)
         self.prefetcher.observe(layer, set(needed))
         hits = [e for e in needed if self.cache.slot_of(layer, e) is not None]
-        misses, on_host = self._split(hits, [e for e in needed if self.cache.slot_of(layer, e) is None])
+        misses, on_host = self._split(hits, [e for e in needed if self.cache.slot_of(layer, e) is None], x.shape[0])
         if layer == 0:
             self.counters.tokens += x.shape[0]
         for e in needed:

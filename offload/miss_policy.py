@@ -69,13 +69,14 @@ class MissPolicy:
         self.mode, self.costs, self.script = mode, costs, script
         self._step = 0
 
-    def copies(self, hits: int, misses: int) -> int:
-        """Number of the misses (taken in order) to copy into slots."""
+    def copies(self, hits: int, misses: int, rows: int = 1) -> int:
+        """Number of the misses (taken in order) to copy into slots; rows: tokens in the step."""
         if self.script is not None:
             n = self.script(self._step, hits, misses)
             self._step += 1
             return max(0, min(misses, n))
-        if self.mode == "copy" or misses == 0:
+        # the costs are one decoding token's; a prefill chunk's experts are compute-bound on the CPU
+        if self.mode == "copy" or misses == 0 or (self.mode == "auto" and rows > 1):
             return misses
         if self.mode == "cpu":
             return 0

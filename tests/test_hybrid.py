@@ -7,7 +7,7 @@ import torch
 from test_offload_engine import DIM, EXPERT_BYTES, INTER, E, L, drive, steps
 from test_offload_synth import make_engine, make_experts, write_checkpoint
 
-from offload.miss_policy import MissPolicy
+from offload.miss_policy import Costs, MissPolicy
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,8 @@ def ckpt(tmp_path_factory):
 
 def policies():
     return {"copy": MissPolicy("copy"), "cpu": MissPolicy("cpu"),
-            "mix": MissPolicy("auto", script=lambda step, hits, misses: step % (misses + 1))}
+            "mix": MissPolicy("auto", script=lambda step, hits, misses: step % (misses + 1)),
+            "auto-slow-pcie": MissPolicy("auto", Costs(copy=20e-3, cpu=2e-3, gpu=0.3e-3))}
 
 
 def engine_with(files, policy, **kw):
@@ -27,7 +28,7 @@ def engine_with(files, policy, **kw):
 
 @pytest.mark.parametrize("store", ["ram", "mmap"])
 @pytest.mark.parametrize("top_k,tokens", [(2, 1), (2, 5), (3, 4)])
-@pytest.mark.parametrize("name", ["copy", "cpu", "mix"])
+@pytest.mark.parametrize("name", ["copy", "cpu", "mix", "auto-slow-pcie"])
 def test_every_miss_policy_is_bitwise_equal(ckpt, store, top_k, tokens, name):
     tensors, files = ckpt
     for slots in (top_k, E - 1):
@@ -37,6 +38,8 @@ def test_every_miss_policy_is_bitwise_equal(ckpt, store, top_k, tokens, name):
         assert s["expert_hits"] + s["expert_copies"] + s["cpu_expert_runs"] == s["expert_hits"] + s["expert_misses"]
         assert s["copies_avoided_bytes"] == s["cpu_expert_runs"] * EXPERT_BYTES
         assert s["bytes_host_to_device"] == (s["expert_copies"] + s["prefetch_issued"]) * EXPERT_BYTES
+        if name == "auto-slow-pcie":  # decode steps run their misses on the CPU, prefill chunks copy
+            assert (s["cpu_expert_runs"] > 0) == (tokens == 1) and (s["expert_copies"] > 0) == (tokens > 1)
         if name == "cpu":
             assert s["expert_copies"] == 0 and s["cpu_expert_runs"] == s["expert_misses"] > 0
         if name == "copy":

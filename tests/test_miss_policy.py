@@ -45,3 +45,10 @@ def test_policies_and_script():
         MissPolicy("gpu")
     with pytest.raises(ValueError, match="needs costs"):
         MissPolicy("auto")
+
+
+def test_auto_copies_a_prefill_chunk():
+    slow_pcie = Costs(copy=20e-3, cpu=2e-3, gpu=0.3e-3)
+    assert MissPolicy("auto", slow_pcie).copies(0, 2, rows=1) == 0
+    assert MissPolicy("auto", slow_pcie).copies(0, 2, rows=16) == 2
+    assert MissPolicy("cpu").copies(0, 2, rows=16) == 0
