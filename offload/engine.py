@@ -150,7 +150,9 @@ class OffloadEngine:
         """One miss computed on the host from the host store; its result goes back to x's device."""
         t0 = time.perf_counter()
         rows = x_host if tok is None else x_host[torch.tensor(tok)]
-        y = self.host.run(layer, expert, rows).to(x.device)
+        y = self.host.run(layer, expert, rows)
+        if x.device.type == "cuda":  # pinned + async: the host never waits behind the device's queued hits
+            y = y.pin_memory().to(x.device, non_blocking=True)  # (the caching host allocator keeps y alive)
         c = self.counters
         c.cpu_runs += 1
         c.cpu_s += time.perf_counter() - t0
