@@ -57,7 +57,7 @@ def split(hits: int, misses: int, c: Costs) -> int:
 class MissPolicy:
     """Per layer, how many misses to copy: all (copy), none (cpu), or the cost model's split (auto).
 
-    script: a test's list of copy counts (or fractions via a callable), consumed one layer call at a time,
+    script: a test's callable (call number, hits, misses) -> copies, called once per layer call,
     to force a mix whatever the costs.
     """
 
