@@ -146,7 +146,7 @@ def _rtn(w: torch.Tensor, spec: QuantSpec, rows: int, cols: int) -> tuple[torch.
     """Round-to-nearest min-max scale/zero per group (hqq's grouped view and shapes): the fast method."""
     wg = w.float().reshape(rows, cols)
     dim = 0 if spec.axis == 0 else 1
-    lo, hi = wg.amin(dim=dim, keepdim=True), wg.amax(dim=dim, keepdim=True)
+    lo, hi = torch.aminmax(wg, dim=dim, keepdim=True)  # one pass over W, not two
     scale = (hi - lo) / (2**spec.bits - 1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant group: any scale reproduces it
     return scale, -lo / scale
@@ -181,7 +181,8 @@ def quantize_matrix(w: torch.Tensor, spec: QuantSpec, prefix: str, device: str |
         zero = _meta_ref(*[out[f"{prefix}.zero.{k}"] for k in "qsz"]).reshape(zero.shape).to(device)
     # Re-round the codes against the scale/zero actually stored (float32 arithmetic).
     wg = w.to(device=device, dtype=torch.float32).reshape(rows, cols)
-    codes = torch.round(wg / scale.float() + zero.float()).clamp_(0, 2**spec.bits - 1)
+    # in place after the one division: at 14336x4096 each temporary is 235 MB of memory traffic
+    codes = wg.div(scale.float()).add_(zero.float()).round_().clamp_(0, 2**spec.bits - 1)
     return {f"{prefix}.q": _PACK[spec.bits](codes).cpu(), **out}
 
 
