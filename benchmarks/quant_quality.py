@@ -56,10 +56,12 @@ EXPERTS = [
     ("16-bit", None, None),
     ("8-bit g128", QuantSpec(8, 128, 1, 16), "hqq"),
     ("4-bit g64", QuantSpec(4, 64, 1, 8), "hqq"),
+    ("4-bit g64 hqq-fast", QuantSpec(4, 64, 1, 8), "hqq-fast"),
     ("4-bit g64 rtn", QuantSpec(4, 64, 1, 8), "rtn"),
     ("3-bit g128", QuantSpec(3, 128, 1, 8), "hqq"),
     ("3-bit g64", QuantSpec(3, 64, 1, 8), "hqq"),
     ("2-bit g32", QuantSpec(2, 32, 1, 8), "hqq"),
+    ("2-bit g32 hqq-fast", QuantSpec(2, 32, 1, 8), "hqq-fast"),
     ("2-bit g32 rtn", QuantSpec(2, 32, 1, 8), "rtn"),
 ]
 DENSE = [("16-bit", DenseSettings()),

@@ -38,6 +38,7 @@ import torch
 from hqq.core.bitpack import BitPack
 from hqq.core.quantize import Quantizer
 
+from offload.hqq_fast import hqq_axis1
 from offload.packing import Layout
 
 Spec = tuple[str, torch.dtype, tuple]  # (name, dtype, shape) of one packed part
@@ -139,7 +140,7 @@ def _meta_ref(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor
     return (q.float() - z) * s
 
 
-METHODS = ("hqq", "rtn")
+METHODS = ("hqq", "hqq-fast", "rtn")  # hqq-fast: offload/hqq_fast.py, hqq's optimiser in chunks
 
 
 def _rtn(w: torch.Tensor, spec: QuantSpec, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +161,10 @@ def quantize_matrix(w: torch.Tensor, spec: QuantSpec, prefix: str, device: str |
     rows, cols = _grid(shape, spec)
     if method == "rtn":
         meta = dict(zip(("scale", "zero"), _rtn(w.to(device), spec, rows, cols), strict=True))
-    elif method == "hqq":
+    elif method == "hqq-fast" and spec.axis == 1:
+        scale, zero = hqq_axis1(w.to(device), spec.bits, spec.group_size, round_zero=spec.bits == 4)
+        meta = {"scale": scale, "zero": zero}
+    elif method in ("hqq", "hqq-fast"):  # axis 0 couples groups across rows: hqq's own loop
         _, meta = Quantizer.quantize(
             w.to(device), nbits=spec.bits, channel_wise=True, group_size=spec.group_size, optimize=True,
             round_zero=spec.bits == 4, axis=spec.axis, bitpack=False, device=str(device))
