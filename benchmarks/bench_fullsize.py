@@ -100,7 +100,7 @@ def child(job: dict) -> dict:
         "disk_mib_per_token": (last["read"] - first["read"]) / n / MIB,
         "slot_mib_per_token": (s.get("bytes_per_token") or 0) / MIB, "hit_rate": s.get("hit_rate"),
         "prefetch_recall": s.get("prefetch_recall"), "expert_mib": (s.get("expert_bytes") or 0) / MIB,
-        "slot_expert_mib": (s.get("device_expert_bytes") or 0) / MIB, "stall_s": s.get("stall_s")}
+        "slots_total_mib": (s.get("device_expert_bytes") or 0) / MIB, "stall_s": s.get("stall_s")}
 
 
 def run_child(job: dict, timeout: float, drop: bool) -> dict:

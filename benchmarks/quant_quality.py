@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--agree-prompts", type=int, default=8, help="prompts for the fused-vs-dequant greedy check")
     p.add_argument("--agree-tokens", type=int, default=32, help="greedy tokens per agreement prompt")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dense", nargs="+", choices=[d[0] for d in DENSE], help="dense settings to run (default: all)")
     p.add_argument("--quick", action="store_true", help="4 expert settings, 512 tokens, ctx 128")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/quant_quality[-quick].json)")
     p.add_argument("--json", action="store_true", help="also print the JSON as the last stdout line")
@@ -200,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="quant_quality-") as work:
         for e_label, e_spec, method in experts:
-            for d_label, dense in DENSE if e_spec is not None else DENSE[:1]:
+            dense_rows = [d for d in DENSE if not args.dense or d[0] in args.dense]
+            for d_label, dense in dense_rows if e_spec is not None else DENSE[:1]:
                 rows.append(run_setting(args.model, Path(work), e_label, e_spec, method, d_label, dense, ids, bos,
                                         ref, args))
                 r = rows[-1]
