@@ -105,3 +105,11 @@ def test_fast_rtn_matches_the_plain_formula(bits, group):
     assert torch.allclose(stored_scale, scale, rtol=0.01, atol=scale.max().item() / 255)
     codes = torch.round(wg / stored_scale + stored_zero).clamp(0, 2**bits - 1)
     assert torch.equal(got["m.q"], _PACK[bits](codes))
+
+
+def test_reuse_experts_writes_one_expert_everywhere_and_loads(tmp_path):
+    dst = mss.make_store(tmp_path / "reuse", "tiny", SPECS[4], seed=5, progress=False, reuse=True)
+    crcs = [c for layer in json.loads((dst / "manifest.json").read_text())["experts"]["crc32"] for c in layer]
+    assert len(set(crcs)) == 1 and len(crcs) == 8
+    mm = load_model(dst, experts=offloading.make_factory(slots=2, store="mmap", prefetch=False))
+    assert len(generate(mm, [PROMPT], 3, window=64)[0]) == 3

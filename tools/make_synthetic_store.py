@@ -84,9 +84,21 @@ class SyntheticConverter(Converter):
     """Converter whose source is a SyntheticSource: same quantizer, writer, journal and manifest."""
 
     def __init__(self, source: SyntheticSource, dst: Path, spec: QuantSpec, dense: DenseSettings,
-                 shard_bytes: int, progress: bool = True, method: str = "rtn"):
-        self.synthetic = source
+                 shard_bytes: int, progress: bool = True, method: str = "rtn", reuse: bool = False):
+        self.synthetic, self.reuse, self._first = source, reuse, None
         super().__init__(source.path, dst, spec, dense, shard_bytes, "cpu", progress, method, ckpt=source)
+        if reuse:  # another store than the distinct-experts one: a resume must not mix the two
+            self.head["source"] = self.head["source"] | {"reuse_experts": True}
+
+    def quantize_one(self, index: int, buf: torch.Tensor) -> int:
+        """--reuse-experts: layer 0 expert 0's packed bytes for every expert (disk-write time, not compute)."""
+        if not self.reuse:
+            return super().quantize_one(index, buf)
+        if self._first is None:
+            crc = super().quantize_one(0, buf)
+            self._first = (buf.clone(), crc)
+        buf.copy_(self._first[0])
+        return self._first[1]
 
     def source_identity(self) -> dict:
         return self.synthetic.identity()
@@ -110,10 +122,10 @@ class SyntheticConverter(Converter):
 
 def make_store(dst: str | Path, preset: str, spec: QuantSpec, dense: DenseSettings | None = None, seed: int = 0,
                shard_bytes: int = 2000 << 20, resume: bool = False, method: str = "rtn", progress: bool = True,
-               fail_after: int | None = None) -> Path:
+               fail_after: int | None = None, reuse: bool = False) -> Path:
     """Write (or resume, or confirm) the synthetic store DST; returns DST."""
     c = SyntheticConverter(SyntheticSource(preset, seed), Path(dst), spec, dense or default_dense(), shard_bytes,
-                           progress, method)
+                           progress, method, reuse)
     return run_converter(c, resume, fail_after)
 
 
@@ -133,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-mb", type=int, default=2000, help="expert shard size (default 2000 MB)")
     p.add_argument("-t", "--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in DST")
+    p.add_argument("--reuse-experts", action="store_true",
+                   help="quantize one expert and write its bytes for all of them: a store for loader, memory and "
+                        "disk benchmarks in about the time the disk takes to write it (outputs are meaningless)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -141,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         if group < 1 or a.shard_mb < 1:
             raise QuantizeError("--group-size and --shard-mb must be positive integers")
         make_store(a.dst, a.preset, QuantSpec(a.bits, group), seed=a.seed, shard_bytes=a.shard_mb << 20,
-                   resume=a.resume, method=a.method)
+                   resume=a.resume, method=a.method, reuse=a.reuse_experts)
     except (QuantizeError, CheckpointError, ValueError, OSError) as e:
         print(("\n" if Progress.line_open else "") + f"error: {e}", file=sys.stderr)
         return 2
