@@ -81,26 +81,36 @@ def child(job: dict) -> dict:
     c1, cached1, rss_load = counters(), meminfo("Cached"), rss_split()
     prompt = [1] + [(1000 + 37 * j) % 31997 + 3 for j in range(job["prompt_len"] - 1)]
     stamps, ids = [], []
+    out: dict = {}
     for step in generate_stream(model, [prompt], job["tokens"] + 1, window=512):
         ids.append(int(step[0]))
         stamps.append(counters())
+        if len(stamps) >= 2:  # a run cut by the timeout still reports the tokens it finished
+            load = {"load_s": c1["t"] - c0["t"], "prefill_s": stamps[0]["t"] - c1["t"], "rss_after_load": rss_load,
+                    "load_disk_gib": (c1["read"] - c0["read"]) / GIB}
+            out = summary(model, stamps, ids) | load | {"cached_gib": {
+                "before": cached0 / GIB, "loaded": cached1 / GIB, "end": meminfo("Cached") / GIB}}
+            Path(job["partial"]).write_text(json.dumps(out))
+    return out
+
+
+def summary(model, stamps: list[dict], ids: list[int]) -> dict:
+    """Figures of the decoded tokens so far: stamps[0] is the prefill's token, the first step the warm-up."""
     steps = [b["t"] - a["t"] for a, b in zip(stamps, stamps[1:], strict=False)]
-    first, last, n = stamps[0], stamps[-1], len(steps)  # stamps[0]: the prefill's token; steps[0]: warm-up
+    first, last, n = stamps[0], stamps[-1], len(steps)
     timed, base = steps[1:] or steps, stamps[1] if len(stamps) > 2 else first
     s = model.experts.stats()
     return {
         "tok_s": 1 / statistics.median(timed), "tok_s_mean": len(timed) / (last["t"] - base["t"]),
-        "warmup_token_s": steps[0], "step_s": steps, "prefill_s": first["t"] - c1["t"], "load_s": c1["t"] - c0["t"],
-        "tokens": n, "ids": ids, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
-        "rss_after_load": rss_load, **rss_split(),
-        "cached_gib": {"before": cached0 / GIB, "loaded": cached1 / GIB, "end": meminfo("Cached") / GIB},
+        "warmup_token_s": steps[0], "step_s": steps, "tokens": n, "ids": ids,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, **rss_split(),
         "mem_total_gib": meminfo("MemTotal") / GIB, "mem_available_end_gib": meminfo("MemAvailable") / GIB,
-        "load_disk_gib": (c1["read"] - c0["read"]) / GIB,
         "majflt_per_token": (last["majflt"] - first["majflt"]) / n,
         "disk_mib_per_token": (last["read"] - first["read"]) / n / MIB,
         "slot_mib_per_token": (s.get("bytes_per_token") or 0) / MIB, "hit_rate": s.get("hit_rate"),
         "prefetch_recall": s.get("prefetch_recall"), "expert_mib": (s.get("expert_bytes") or 0) / MIB,
-        "slots_total_mib": (s.get("device_expert_bytes") or 0) / MIB, "stall_s": s.get("stall_s")}
+        "slots_total_mib": (s.get("device_expert_bytes") or 0) / MIB, "stall_s": s.get("stall_s"),
+        "load_average": os.getloadavg()}
 
 
 def run_child(job: dict, timeout: float, drop: bool) -> dict:
@@ -110,11 +120,14 @@ def run_child(job: dict, timeout: float, drop: bool) -> dict:
             Path("/proc/sys/vm/drop_caches").write_text("3\n")
         except OSError as e:
             print(f"--drop-caches: {e} (runs start with whatever the page cache holds)", file=sys.stderr)
+    partial = Path(job["partial"])
+    partial.unlink(missing_ok=True)
     try:
         r = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
                            timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {timeout:.0f} s"}
+        done = json.loads(partial.read_text()) if partial.is_file() else {}
+        return done | {"error": f"timeout after {timeout:.0f} s", "partial": bool(done)}
     if r.returncode != 0:
         tail = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
         return {"error": f"exit {r.returncode} {tail}".strip()}  # -9: the OOM killer
@@ -135,7 +148,7 @@ def markdown(rows: list[dict]) -> str:
            "disk MiB/tok | slot fills MiB/tok | hit rate |", "|" + "---|" * 11]
     for r in rows:
         name = f"{r['bits']}-bit g{r['group']} ({r['expert_store_gib']:.1f} GiB)"
-        if "error" in r:
+        if "error" in r and "tok_s" not in r:
             out.append(f"| {name} | {r['k']} | {r['threads']} | {r['error']} |" + " |" * 7)
             continue
         out.append(f"| {name} | {r['k']} | {r['threads']} | {r['tok_s']:.3f} | {r['warmup_token_s']:.1f} | "
@@ -172,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in a.experts_per_layer:
             for t in a.threads:
                 job = {"store": store, "k": k, "threads": t, "tokens": a.tokens, "prompt_len": a.prompt_len,
-                       "prefetch": a.prefetch}
+                       "prefetch": a.prefetch, "partial": str(a.out.with_suffix(".partial.json"))}
                 r = {**job, **facts, **run_child(job, a.timeout, a.drop_caches), "drop_caches": a.drop_caches}
                 rows = [x for x in rows if (x["store"], x["k"], x["threads"]) != (store, k, t)] + [r]
                 print(markdown([r]).splitlines()[-1], file=sys.stderr, flush=True)
