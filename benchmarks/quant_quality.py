@@ -56,10 +56,12 @@ EXPERTS = [
     ("16-bit", None, None),
     ("8-bit g128", QuantSpec(8, 128, 1, 16), "hqq"),
     ("4-bit g64", QuantSpec(4, 64, 1, 8), "hqq"),
+    ("4-bit g64 hqq-fast", QuantSpec(4, 64, 1, 8), "hqq-fast"),
     ("4-bit g64 rtn", QuantSpec(4, 64, 1, 8), "rtn"),
     ("3-bit g128", QuantSpec(3, 128, 1, 8), "hqq"),
     ("3-bit g64", QuantSpec(3, 64, 1, 8), "hqq"),
     ("2-bit g32", QuantSpec(2, 32, 1, 8), "hqq"),
+    ("2-bit g32 hqq-fast", QuantSpec(2, 32, 1, 8), "hqq-fast"),
     ("2-bit g32 rtn", QuantSpec(2, 32, 1, 8), "rtn"),
 ]
 DENSE = [("16-bit", DenseSettings()),
@@ -182,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--agree-prompts", type=int, default=8, help="prompts for the fused-vs-dequant greedy check")
     p.add_argument("--agree-tokens", type=int, default=32, help="greedy tokens per agreement prompt")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dense", nargs="+", choices=[d[0] for d in DENSE], help="dense settings to run (default: all)")
     p.add_argument("--quick", action="store_true", help="4 expert settings, 512 tokens, ctx 128")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/quant_quality[-quick].json)")
     p.add_argument("--json", action="store_true", help="also print the JSON as the last stdout line")
@@ -210,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="quant_quality-") as work:
         for e_label, e_spec, method in experts:
             dense_rows = DENSE + (DENSE_4BIT if e_label == "4-bit g64" and not args.quick else [])
+            dense_rows = [d for d in dense_rows if not args.dense or d[0] in args.dense]
             for d_label, dense in dense_rows if e_spec is not None else DENSE[:1]:
                 rows.append(run_setting(args.model, Path(work), e_label, e_spec, method, d_label, dense, ids, bos,
                                         ref, args))

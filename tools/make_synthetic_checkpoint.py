@@ -18,6 +18,8 @@ Presets (L = layers, E = experts, D = hidden, I = intermediate, H/KV = heads, hd
 - `mixtral-4l`: Mixtral-8x7B's real widths (D=4096, I=14336, H=32, KV=8, hd=128, E=8, top-2, V=32000) and
   4 of its 32 layers: 6.1B parameters, 12.2 GB in bfloat16 (7 shards); one expert is 176M parameters
   (352 MB bf16). For benchmarks at the width that matters; fp32 of it does not fit in 24 GB.
+- `mixtral-8x7b`: Mixtral-8x7B's own shape (L=32, the widths above): 46.7B parameters, 93 GB in bfloat16.
+  Too big to write here; tools/make_synthetic_store.py quantizes its tensors as they are made instead.
 
 Weights are N(0, 0.02) (transformers' initializer_range), norms are 1, so activations stay O(1) through
 all layers. Each tensor is drawn from its own generator seeded by (seed, tensor index): the result does not
@@ -44,6 +46,7 @@ PRESETS = {
     "mixtral-1/8": dict(vocab=32000, hidden=512, intermediate=1792, layers=32, heads=4, kv_heads=1, experts=8),
     "tiny": dict(vocab=32000, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, experts=4),
     "mixtral-4l": dict(vocab=32000, hidden=4096, intermediate=14336, layers=4, heads=32, kv_heads=8, experts=8),
+    "mixtral-8x7b": dict(vocab=32000, hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, experts=8),
 }
 DTYPES = {"bfloat16": (torch.bfloat16, "BF16"), "float32": (torch.float32, "F32")}
 INIT_STD = 0.02

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ is a folder of scripts, not a package
 
 DEFAULT_GROUP = {2: 32, 3: 128, 4: 64, 8: 128}  # <= 3.0, <= 3.5, 4.27, 8.25 bits/weight with 8-bit meta
-LAZY = ("convert", "Converter", "QuantizeError", "InjectedFailure", "JOURNAL", "source_identity")
+LAZY = ("convert", "Converter", "QuantizeError", "InjectedFailure", "JOURNAL", "source_identity", "run_converter")
 
 
 def __getattr__(name: str):
@@ -67,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=4,
                    help="expert (and dense MLP) weight bits (default 4)")
     p.add_argument("--group-size", type=int, help="weights per scale/zero (default: 2->32, 3->128, 4->64, 8->128)")
-    p.add_argument("--method", choices=("hqq", "rtn"), default="hqq",
-                   help="hqq: half-quadratic optimiser (best quality, 26-98 s per full-size matrix on a CPU); "
-                        "rtn: round-to-nearest min-max, same format, ~3 s per full-size matrix")
+    p.add_argument("--method", choices=("hqq", "hqq-fast", "rtn"), default="hqq",  # offload.quant.METHODS
+                   help="hqq: hqq's half-quadratic optimiser (best quality, 26-98 s per full-size matrix on a "
+                        "CPU); hqq-fast: the same optimiser in cache-sized chunks (offload/hqq_fast.py, ~3x "
+                        "faster); rtn: round-to-nearest min-max, same format, ~0.5 s per full-size matrix")
     p.add_argument("--axis", type=int, choices=(0, 1), default=1,
                    help="hqq grouping axis (default 1: groups along the input, what the fused kernels read)")
     p.add_argument("--meta-bits", type=int, choices=(8, 16), default=8,

@@ -60,9 +60,10 @@ class Converter:
     """One quantization run (fresh or resumed) of SRC into DST."""
 
     def __init__(self, src: Path, dst: Path, spec: QuantSpec, dense: DenseSettings, shard_bytes: int,
-                 device: str, progress: bool = True, method: str = "hqq"):
+                 device: str, progress: bool = True, method: str = "hqq", ckpt=None):
         self.src, self.dst, self.spec, self.dense, self.device, self.method = src, dst, spec, dense, device, method
-        self.ckpt = Checkpoint(src)  # validates every tensor's presence and shape against config.json
+        # ckpt: anything with Checkpoint's interface (tools/make_synthetic_store.py passes seeded random tensors)
+        self.ckpt = ckpt or Checkpoint(src)  # validates every tensor's presence and shape against config.json
         self.cfg = self.ckpt.config
         if self.cfg.tie_word_embeddings and dense.head_bits != dense.embed_bits:
             raise QuantizeError(f"{src / 'config.json'}: tie_word_embeddings: lm_head is the embedding matrix, so "
@@ -81,10 +82,25 @@ class Converter:
         self._handles: dict[Path, object] = {}
         self.head = {"settings": {"experts": spec.to_dict(), "method": method, "dense": dense.to_dict(),
                                   "shard_bytes": shard_bytes, "device": torch.device(device).type},
-                     "source": source_identity(src),
+                     "source": self.source_identity(),
                      # the journal only: a source rewritten in place (same shapes, new weights) must not
                      # be resumed into a half-written store of its older weights
-                     "source_mtime_ns": {f.name: f.stat().st_mtime_ns for f in set(shard_map(src).values())}}
+                     "source_mtime_ns": self.source_mtimes()}
+
+    def source_identity(self) -> dict:
+        return source_identity(self.src)
+
+    def source_mtimes(self) -> dict[str, int]:
+        return {f.name: f.stat().st_mtime_ns for f in set(shard_map(self.src).values())}
+
+    def source_tag(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """(safetensors dtype tag, shape) of a source tensor, from its header."""
+        sl = self._src(name).get_slice(name)
+        return sl.get_dtype(), tuple(sl.get_shape())
+
+    def source_tensor(self, name: str) -> torch.Tensor:
+        """A source tensor in its stored dtype."""
+        return self._src(name).get_tensor(name)
 
     def _kind_of(self, name: str) -> tuple[str, QuantSpec | None] | None:
         """(kind, int4 settings) a dense tensor is stored as, or None to copy it unchanged."""
@@ -133,8 +149,7 @@ class Converter:
                 n = dense_layout(kind, self.ckpt.shape(name), spec).nbytes
                 plan.append((name, "U8", (n,), n))
                 continue
-            sl = self._src(name).get_slice(name)
-            tag, shape = sl.get_dtype(), tuple(sl.get_shape())
+            tag, shape = self.source_tag(name)
             if tag not in ("F32", "F16", "BF16"):
                 raise QuantizeError(f"{self.ckpt.file_of(name)}: tensor {name!r} has dtype {tag}, expected a float")
             size = {"F32": 4, "F16": 2, "BF16": 2}[tag]
@@ -147,7 +162,7 @@ class Converter:
         w = StreamWriter(self.dst / (DENSE + ".partial"), plan)
         crcs = {}
         for name, tag, _, _ in plan:
-            t = self._src(name).get_tensor(name)
+            t = self.source_tensor(name)
             check_finite(t, self.ckpt.file_of(name), name)  # a NaN must not become a store without a word
             if tag == "U8":
                 kind, spec = self.dense_kinds[name]
@@ -253,6 +268,12 @@ class Converter:
         return man
 
     def finish(self, crcs: list[int], dense_crc: dict[str, int]) -> None:
+        self.copy_side_files()
+        atomic_write(self.dst / MANIFEST, json.dumps(self.manifest(crcs, dense_crc), indent=1).encode())
+        self.journal.path.unlink()
+
+    def copy_side_files(self) -> None:
+        """config.json and tokenizer.model from SRC (`generate -m DST` needs them)."""
         for name in ("config.json", "tokenizer.model"):
             if not (self.src / name).is_file():
                 print(f"warning: {self.src / name} not found, not copied: `generate -m {self.dst}` "
@@ -261,8 +282,6 @@ class Converter:
             tmp = self.dst / (name + ".partial")
             shutil.copyfile(self.src / name, tmp)
             os.replace(tmp, self.dst / name)
-        atomic_write(self.dst / MANIFEST, json.dumps(self.manifest(crcs, dense_crc), indent=1).encode())
-        self.journal.path.unlink()
 
 
 def convert(src: str | Path, dst: str | Path, spec: QuantSpec, dense: DenseSettings | None = None,
@@ -271,6 +290,12 @@ def convert(src: str | Path, dst: str | Path, spec: QuantSpec, dense: DenseSetti
     """Quantize SRC into the store DST (see the module docstring); returns DST."""
     src, dst = Path(src), Path(dst)
     c = Converter(src, dst, spec, dense or DenseSettings(), shard_bytes, device, progress, method)
+    return run_converter(c, resume, fail_after)
+
+
+def run_converter(c: Converter, resume: bool = False, fail_after: int | None = None) -> Path:
+    """Fresh, resumed or already-finished run of `c` into c.dst; returns c.dst."""
+    dst = c.dst
     if dst.is_dir() and any(dst.iterdir()):
         if not resume:
             raise QuantizeError(f"{dst}: not empty; pass --resume to continue an interrupted run "
