@@ -15,7 +15,8 @@ what `generate -m STORE --store mmap --experts-per-layer K` builds), prefill a s
   slot_mib_per_token the engine's slot fills per token (misses x packed expert size)
 
 --drop-caches writes 3 to /proc/sys/vm/drop_caches before each run (root only) so every run starts cold.
-Writes benchmarks/results/bench_fullsize.json (merged by (store, K, threads)) and prints a markdown table.
+Writes benchmarks/results/bench_fullsize.json (merged by (store, K, threads)) and prints a markdown table;
+run from a checkout whose package is on the path (PYTHONPATH=. where another checkout is installed).
 """
 
 from __future__ import annotations
