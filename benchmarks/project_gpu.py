@@ -29,7 +29,7 @@ from dataclasses import replace
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from replay_routing import BW_EFFICIENCY, DENSE_WEIGHTS, EXPERTS, LAYER_OVERHEAD_S, LAYERS  # noqa: E402
+from replay_routing import BW_EFFICIENCY, DENSE_WEIGHTS, EXPERTS, LAYER_OVERHEAD_S, LAYERS, admit  # noqa: E402
 from routing_traces import problem_lengths, read_trace  # noqa: E402
 
 from offload.miss_policy import Costs, layer_time  # noqa: E402  (the engine's own scheduler)
@@ -83,12 +83,7 @@ def replay_layer(steps: list[list[int]], k: int, warm: int, decide) -> tuple[flo
         if t >= warm:
             hits, uses = hits + len(ids) - len(misses), uses + len(ids)
         for e in misses[:copies]:  # the engine copies the first ones, the rest run on the CPU
-            if len(resident) >= k:
-                victim = policy.victim(sorted(resident.difference(ids)))
-                policy.evict(victim)
-                resident.remove(victim)
-            resident.add(e)
-            policy.admit(e)
+            admit(policy, resident, e, ids, k)
         policy.tick()
         total += secs
     return total, hits, uses

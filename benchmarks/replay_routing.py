@@ -65,6 +65,16 @@ def expert_bytes(bits: int, group: int) -> int:
     return EXPERT_WEIGHTS * bits // 8 + meta
 
 
+def admit(policy, resident: set[int], expert: int, keep, slots: int) -> None:
+    """Put `expert` in the cache, evicting the policy's victim (never one of `keep`) when it is full."""
+    if len(resident) >= slots:
+        victim = policy.victim(sorted(resident.difference(keep)))
+        policy.evict(victim)
+        resident.remove(victim)
+    resident.add(expert)
+    policy.admit(expert)
+
+
 def simulate(policy, steps: list[list[int]], slots: int, warm: int = 0) -> tuple[int, int, int]:
     """(hits, accesses, misses) of one layer; the first `warm` steps run but are not counted."""
     resident: set[int] = set()
@@ -75,12 +85,7 @@ def simulate(policy, steps: list[list[int]], slots: int, warm: int = 0) -> tuple
         for e in ids:
             hit = e in resident
             if not hit:
-                if len(resident) >= slots:
-                    victim = policy.victim(sorted(resident.difference(ids)))
-                    policy.evict(victim)
-                    resident.remove(victim)
-                resident.add(e)
-                policy.admit(e)
+                admit(policy, resident, e, ids, slots)
             if t >= warm:
                 hits, accesses = hits + hit, accesses + 1
         policy.tick()
