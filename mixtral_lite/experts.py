@@ -111,7 +111,7 @@ class FusedResidentExperts:
     wants_guess = False
 
     def __init__(self, store, codec, device: torch.device | str):
-        self.store, self.codec = store, codec
+        self.codec = codec
         self.buffers: list[torch.Tensor] = []
         self.mats: list[list[tuple]] = []
         device = torch.device(device)
@@ -134,8 +134,8 @@ class FusedResidentExperts:
         return {"device_expert_bytes": sum(b.numel() for b in self.buffers), "expert_bytes": self.codec.layout.nbytes}
 
     def run(self, layer, x, ids, weights, next_guess=None):
-        mats = self.mats[layer]
-        return run_grouped(x, ids.tolist(), weights, mats.__getitem__, swiglu_fused)
+        ids_host = to_host(ids)  # the layer's single host sync
+        return run_grouped(x, ids_host, weights, self.mats[layer].__getitem__, swiglu_fused)
 
 
 class ResidentExperts:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from offload.kernels import Int8Mat, QuantEmbedding, QuantLinear
-from offload.qdense import dequantized, fused_int8_unsupported, int8_rows, to_kernel
+from offload.qdense import dequantized, fused_int8_unsupported, int8_dequantized, int8_rows, to_kernel
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
@@ -69,4 +69,4 @@ def _tied_head(rows: torch.Tensor, scale: torch.Tensor, device, dtype, notes: di
         notes.setdefault("int8", "fused int8 kernel")
         return QuantLinear(Int8Mat(rows, scale.to(torch.bfloat16)), rows.shape[0])
     notes["int8"] = f"dequantized at load ({why})"
-    return _plain((rows.float() * scale[:, None]).to(dtype))
+    return _plain(int8_dequantized(rows, scale, dtype))

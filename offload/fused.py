@@ -45,7 +45,7 @@ class FusedCodec:
         why = fused_unsupported(shapes, spec, device)
         if why:
             raise ValueError(f"fused int4 kernel unavailable: {why}")
-        self.shapes, self.spec, self.device = dict(shapes), spec, torch.device(device)
+        self.shapes, self.spec = dict(shapes), spec
         self.layout = expert_layout(self.shapes, spec)
         # output matrices: stacked groups first as given, then every matrix not stacked, in shapes order
         stack = dict(stack or {})
@@ -58,26 +58,26 @@ class FusedCodec:
         self.out_shapes = {o: (sum(shapes[p][0] for p in ps), shapes[ps[0]][1]) for o, ps in self.groups.items()}
         g = spec.group_size
         self.slot_layout = Layout.plan([s for o in self.names for s in int4_specs(o, *self.out_shapes[o], g, device)])
-        # scratch on the conversion's device, allocated once: codes and fp32 scale/zero of the largest output
+        # scratch on the conversion's device, allocated once: codes and fp32 scale/zero of the largest
+        # output matrix, and one packed code tensor (uint8; int32 for 3 bits, viewed)
+        n_k = max(n * k for n, k in self.out_shapes.values())
+        q_max = max(e.nbytes for e in self.layout.entries if e.name.endswith(".q"))
+        self._scratch_sizes = {"codes": n_k, "bits": q_max}
+        self._meta_size = n_k // g
         self._scratch: dict[torch.device, dict[str, torch.Tensor]] = {}
         self._host_buf: torch.Tensor | None = None
 
     def _buffers(self, device: torch.device) -> dict[str, torch.Tensor]:
         if device not in self._scratch:
-            n_k = max(n * k for n, k in self.out_shapes.values())
-            q_max = max(e.nbytes for e in self.layout.entries if e.name.endswith(".q"))
-            self._scratch[device] = {
-                "codes": torch.empty(n_k, dtype=torch.uint8, device=device),
-                "bits": torch.empty(q_max, dtype=torch.uint8, device=device),  # int32 for 3 bits: viewed
-                "scale": torch.empty(n_k // self.spec.group_size, dtype=torch.float32, device=device),
-                "zero": torch.empty(n_k // self.spec.group_size, dtype=torch.float32, device=device)}
+            bufs = {k: torch.empty(n, dtype=torch.uint8, device=device) for k, n in self._scratch_sizes.items()}
+            for k in ("scale", "zero"):
+                bufs[k] = torch.empty(self._meta_size, dtype=torch.float32, device=device)
+            self._scratch[device] = bufs
         return self._scratch[device]
 
     def scratch_bytes(self) -> int:
         """Device bytes `_buffers` allocates for conversions on a device (for memory budgets)."""
-        n_k = max(n * k for n, k in self.out_shapes.values())
-        q_max = max(e.nbytes for e in self.layout.entries if e.name.endswith(".q"))
-        return n_k + q_max + 2 * 4 * (n_k // self.spec.group_size)
+        return sum(self._scratch_sizes.values()) + 2 * 4 * self._meta_size
 
     def convert(self, src: dict[str, torch.Tensor], slot_views: dict[str, torch.Tensor]) -> None:
         """Packed views `src` (one expert, `layout`) -> the slot's kernel layout, on src's device."""
@@ -91,8 +91,9 @@ class FusedCodec:
                 pn = self.shapes[part][0]
                 self._unpack_into(src, part, codes[row : row + pn], buf)
                 m = slice(row * k // g, (row + pn) * k // g)
-                meta_values(src, f"{part}.scale", self.spec, scale[m].view(-1, 1), buf["scale"])
-                meta_values(src, f"{part}.zero", self.spec, zero[m].view(-1, 1), buf["zero"])
+                # fp32 destinations: meta_values writes them directly and needs no scratch of its own
+                meta_values(src, f"{part}.scale", self.spec, scale[m].view(-1, 1), None)
+                meta_values(src, f"{part}.zero", self.spec, zero[m].view(-1, 1), None)
                 row += pn
             pack_int4_codes(codes, slot_views[f"{out}.w"])
             pack_int4_meta(scale[: n * k // g].view(n, k // g), zero[: n * k // g].view(n, k // g),

@@ -14,6 +14,8 @@ dequantized once, at load, into the compute dtype instead (`dequantized`).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from offload.fused import FusedCodec, fused_unsupported
@@ -52,8 +54,12 @@ def int8_rows(packed: torch.Tensor, shape: tuple[int, int], device) -> tuple[tor
 
 
 def fused_int8_unsupported(device: torch.device | str) -> str | None:
-    """Why torch's int8 kernel cannot run here (None: it can); probed once with a tiny product."""
-    device = torch.device(device)
+    """Why torch's int8 kernel cannot run here (None: it can); probed once per device with a tiny product."""
+    return _int8_probe(torch.device(device))
+
+
+@functools.cache
+def _int8_probe(device: torch.device) -> str | None:
     try:
         x = torch.ones(1, 32, dtype=torch.bfloat16, device=device)
         torch.ops.aten._weight_int8pack_mm(x, torch.ones(16, 32, dtype=torch.int8, device=device),
@@ -93,11 +99,15 @@ def to_kernel(kind: str, packed: list[torch.Tensor], shapes: list[tuple[int, int
     return codec.decode(out)[0], None
 
 
+def int8_dequantized(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W = q * scale (one scale per row) in dtype."""
+    return (q.float() * scale[:, None]).to(dtype)
+
+
 def dequantized(kind: str, packed: torch.Tensor, shape: tuple[int, int], spec: QuantSpec | None, device,
                 dtype: torch.dtype) -> torch.Tensor:
     """The matrix in dtype on device (the fallback where no fused kernel exists; load time only)."""
     if kind == "int8":
-        q, scale = int8_rows(packed, shape, device)
-        return (q.float() * scale[:, None]).to(dtype)
+        return int8_dequantized(*int8_rows(packed, shape, device), dtype)
     codec = HQQCodec({"w": shape}, spec, device, dtype)
     return codec.decode(views(packed.to(device), dense_layout("int4", shape, spec)))[0]

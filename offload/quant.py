@@ -300,8 +300,10 @@ def unpack_codes(q: torch.Tensor, bits: int, out_g: torch.Tensor, scratch: torch
 
 
 def meta_values(views: dict[str, torch.Tensor], key: str, spec: QuantSpec, dst: torch.Tensor,
-                scratch32: torch.Tensor) -> torch.Tensor:
-    """Scale or zero (`key` = "<matrix>.scale" / ".zero") written into dst, as hqq computes them."""
+                scratch32: torch.Tensor | None) -> torch.Tensor:
+    """Scale or zero (`key` = "<matrix>.scale" / ".zero") written into dst, as hqq computes them.
+
+    scratch32 (fp32, at least the metadata's size) is needed only when dst is not fp32."""
     if spec.meta_bits == 16:
         return dst.copy_(views[key])
     q, s, z = views[f"{key}.q"], views[f"{key}.s"], views[f"{key}.z"]
