@@ -65,14 +65,17 @@ def expert_bytes(bits: int, group: int) -> int:
     return EXPERT_WEIGHTS * bits // 8 + meta
 
 
-def admit(policy, resident: set[int], expert: int, keep, slots: int) -> None:
-    """Put `expert` in the cache, evicting the policy's victim (never one of `keep`) when it is full."""
+def admit(policy, resident: set[int], expert: int, keep, slots: int) -> int | None:
+    """Put `expert` in the cache, evicting the policy's victim (never one of `keep`) when it is full;
+    returns the victim (None: a free slot)."""
+    victim = None
     if len(resident) >= slots:
         victim = policy.victim(sorted(resident.difference(keep)))
         policy.evict(victim)
         resident.remove(victim)
     resident.add(expert)
     policy.admit(expert)
+    return victim
 
 
 def simulate(policy, steps: list[list[int]], slots: int, warm: int = 0) -> tuple[int, int, int]:

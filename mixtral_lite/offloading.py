@@ -49,6 +49,7 @@ class OffloadedExperts:
 
     def run(self, layer, x, ids, weights, next_guess=None):
         # x [T, D]; ids, next_guess [T, A]; weights [T, A]
+        self.engine.stage_rows(x)  # rows for host experts: covered by the sync below
         if next_guess is not None and self._prefetch:
             rows = to_host(torch.cat([ids, next_guess], dim=1))  # the layer's single host sync
             a = ids.shape[1]

@@ -11,10 +11,11 @@ One step of layer l, given ids already on the host (the caller's single sync):
   2. start loads for the misses (as many as slots allow without touching pinned ones);
   3. once every demand load is issued, start the prefetch of the guessed experts into
      layer l+1's slots (never layer l's), so speculation never delays a needed copy;
-  4. compute resident experts first (queued on the device), then the misses the miss policy
-     sends to the host (computed from the host store while the device works: offload/host_experts.py,
-     never admitted to the cache), then the copied misses as they arrive; each computed expert
-     is unpinned, freeing its slot for misses still pending (prefill with > K experts);
+  4. hand the misses the miss policy sends to the host to the host (offload/host_experts.py: computed
+     from the host store, never admitted to the cache; on CUDA on a worker thread, from rows that
+     crossed with the ids in the layer's one sync, see `stage_rows`), queue the resident experts on
+     the device, then the copied misses as they arrive, then collect the host results; each computed
+     expert is unpinned, freeing its slot for misses still pending (prefill with > K experts);
   5. sum the outputs in the same order as `run_grouped` (so fp results are bitwise equal
      to all-resident experts, whatever order the experts were computed in).
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -104,11 +106,22 @@ class OffloadEngine:
                 raise ValueError("misses on the host need a HostExperts with a CPU codec on this device")
             host = HostExperts(store, codec, expert_fn)
         self.host = host
+        # beside a GPU the host experts run on their own thread while this one queues the device's work
+        cuda = torch.device(device).type == "cuda"
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="host-experts", initializer=torch.set_num_threads,
+                                          initargs=(torch.get_num_threads(),)) if host and cuda else None
+        self._staging: torch.Tensor | None = None  # pinned rows for the host experts (grown, never per step)
+        self._staged: torch.Tensor | None = None
+        self._optional: set[int] = set()  # this step's misses copied for their later value
 
     def _load(self, layer: int, expert: int, pinned: set[int]) -> None:
         slot, evicted = self.cache.place(layer, expert, pinned)
+        value = self.miss_policy.value
         if evicted is not None:
             self.prefetcher.evicted(layer, evicted)
+            value.evicted(layer, evicted)
+        if expert in self._optional:
+            value.admitted(layer, expert, evicted)
         load_expert(self.transfer, self.store, self.codec, self._converting, layer, expert,
                     self.cache.buffer(layer, slot), self._views[layer][slot], self.cache.key(layer, slot))
         self.counters.loads[(layer, expert)] += 1
@@ -146,22 +159,46 @@ class OffloadEngine:
         self.transfer.release(key)
         return y
 
-    def _on_host(self, layer: int, expert: int, x: torch.Tensor, x_host: torch.Tensor, tok: list[int] | None):
-        """One miss computed on the host from the host store; its result goes back to x's device."""
+    def stage_rows(self, x: torch.Tensor) -> None:
+        """Start copying the layer input to the host before the caller's host sync for the ids, so that
+        one sync covers both (only on CUDA, only when this step may run a miss on the host)."""
+        self._staged = None
+        if self.host is None or x.device.type != "cuda" or not self.miss_policy.host_possible(x.shape[0]):
+            return
+        if self._staging is None or self._staging.shape[0] < x.shape[0] or self._staging.dtype != x.dtype:
+            self._staging = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        self._staged = self._staging[: x.shape[0]]
+        self._staged.copy_(x, non_blocking=True)
+
+    def _host_rows(self, x: torch.Tensor) -> torch.Tensor:
+        staged, self._staged = self._staged, None
+        return staged if staged is not None else x.to("cpu")  # on the CPU device: x itself
+
+    def _on_host(self, layer: int, experts: list[int], x_host: torch.Tensor, groups: dict, rows: int):
+        """The misses computed on the host from the host store: (expert -> host result, seconds)."""
         t0 = time.perf_counter()
-        rows = x_host if tok is None else x_host[torch.tensor(tok)]
-        y = self.host.run(layer, expert, rows)
-        if x.device.type == "cuda":  # pinned + async: the host never waits behind the device's queued hits
-            y = y.pin_memory().to(x.device, non_blocking=True)  # (the caching host allocator keeps y alive)
+        out = {}
+        for e in experts:
+            y = self.host.run(layer, e, x_host if rows == 1 else x_host[torch.tensor(groups[e][0])])
+            out[e] = y.pin_memory() if self._worker is not None else y
+        return out, time.perf_counter() - t0
+
+    def _host_results(self, pending, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The host results on x's device (pinned + async on CUDA: the host never waits behind the
+        device's queued work; the caching host allocator keeps the pinned rows alive)."""
+        out, seconds = pending.result() if self._worker is not None else pending
         c = self.counters
-        c.cpu_runs += 1
-        c.cpu_s += time.perf_counter() - t0
-        c.copies_avoided_bytes += self.store.layout.nbytes
-        return y
+        c.cpu_runs += len(out)
+        c.cpu_s += seconds
+        c.copies_avoided_bytes += len(out) * self.store.layout.nbytes
+        if x.device.type == "cuda":
+            return {e: y.to(x.device, non_blocking=True) for e, y in out.items()}
+        return out
 
     def _split(self, hits: list[int], misses: list[int], rows: int) -> tuple[list[int], list[int]]:
         """(misses to copy, misses to run on the host), by the miss policy."""
-        n = self.miss_policy.copies(len(hits), len(misses), rows) if self.host is not None else len(misses)
+        n, optional = self.miss_policy.plan(len(hits), len(misses), rows) if self.host is not None else (len(misses), 0)
+        self._optional = set(misses[n - optional : n])
         self.counters.hits += len(hits)
         self.counters.misses += len(misses)
         self.counters.copies += n
@@ -175,6 +212,7 @@ class OffloadEngine:
         groups = group_by_expert(ids_host)
         needed = list(groups)
         self.prefetcher.observe(layer, set(needed))
+        self.miss_policy.value.used(layer, set(needed))
         hits = [e for e in needed if self.cache.slot_of(layer, e) is not None]
         misses, on_host = self._split(hits, [e for e in needed if self.cache.slot_of(layer, e) is None], x.shape[0])
         if layer == 0:
@@ -187,17 +225,16 @@ class OffloadEngine:
         self._issue(layer, pending, pinned)
         guess = self._prefetch_when_idle(layer + 1, guess, pending)
         index = index_tensors(groups, x.device) if x.shape[0] > 1 else None
+        host_work = None
+        if on_host:  # on the host while the device computes (on the CPU device: in turn, same cores)
+            args = (layer, on_host, self._host_rows(x), groups, x.shape[0])
+            host_work = self._worker.submit(self._on_host, *args) if self._worker else self._on_host(*args)
         outputs = {}
-        # the rows every host expert reads, in one copy taken before the hits are queued (on CUDA a copy
-        # after them would wait for them)
-        x_host = x.to("cpu") if on_host else None
         for e in hits:  # resident first, queued on the device while the misses are in flight
             outputs[e] = self._compute(layer, e, x, None if index is None else index[e][0])
             pinned.discard(e)
             self._issue(layer, pending, pinned)
             guess = self._prefetch_when_idle(layer + 1, guess, pending)
-        for e in on_host:  # on the host while the device computes the hits
-            outputs[e] = self._on_host(layer, e, x, x_host, None if index is None else groups[e][0])
         for e in misses:
             if self.cache.slot_of(layer, e) is None:
                 self._issue(layer, pending, pinned)
@@ -205,12 +242,16 @@ class OffloadEngine:
             pinned.discard(e)
             self._issue(layer, pending, pinned)
             guess = self._prefetch_when_idle(layer + 1, guess, pending)
+        if host_work is not None:
+            outputs |= self._host_results(host_work, x)
         self.cache.tick(layer)
         return _accumulate(x, groups, index, outputs, weights)
 
     def close(self) -> None:
         """Wait for the copies still in flight (prefetches compute never waited on)."""
         self.transfer.close()
+        if self._worker is not None:
+            self._worker.shutdown()
 
     def stats(self) -> dict:
         p = self.prefetcher

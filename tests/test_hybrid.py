@@ -19,7 +19,9 @@ def ckpt(tmp_path_factory):
 def policies():
     return {"copy": MissPolicy("copy"), "cpu": MissPolicy("cpu"),
             "mix": MissPolicy("auto", script=lambda step, hits, misses: step % (misses + 1)),
-            "auto-slow-pcie": MissPolicy("auto", Costs(copy=20e-3, cpu=2e-3, gpu=0.3e-3))}
+            "auto-slow-pcie": MissPolicy("auto", Costs(copy=20e-3, cpu=2e-3, gpu=0.3e-3)),
+            # of two misses, one copied for its later value (tests/test_miss_policy.py), one on the host
+            "auto-by-choice": MissPolicy("auto", Costs(3.76e-3, 1.32e-3, 0.31e-3, cpu_beside_copy=2.03e-3))}
 
 
 def engine_with(files, policy, **kw):
@@ -28,7 +30,7 @@ def engine_with(files, policy, **kw):
 
 @pytest.mark.parametrize("store", ["ram", "mmap"])
 @pytest.mark.parametrize("top_k,tokens", [(2, 1), (2, 5), (3, 4)])
-@pytest.mark.parametrize("name", ["copy", "cpu", "mix", "auto-slow-pcie"])
+@pytest.mark.parametrize("name", ["copy", "cpu", "mix", "auto-slow-pcie", "auto-by-choice"])
 def test_every_miss_policy_is_bitwise_equal(ckpt, store, top_k, tokens, name):
     tensors, files = ckpt
     for slots in (top_k, E - 1):
@@ -44,6 +46,23 @@ def test_every_miss_policy_is_bitwise_equal(ckpt, store, top_k, tokens, name):
             assert s["expert_copies"] == 0 and s["cpu_expert_runs"] == s["expert_misses"] > 0
         if name == "copy":
             assert s["cpu_expert_runs"] == 0 and s["cpu_expert_s"] == 0.0
+
+
+def test_copies_by_choice_are_admitted_and_valued(ckpt):
+    tensors, files = ckpt
+    policy = policies()["auto-by-choice"]
+    engine = engine_with(files, policy, slots=2, store="ram", prefetch=False)
+    x, w = torch.randn(1, DIM), torch.tensor([[0.5, 0.5]])
+    engine.run(0, x, [[0, 1]], w)  # two misses: 0 copied (by choice), 1 on the host
+    assert engine.cache.resident(0) == [0] and engine.stats()["cpu_expert_runs"] == 1
+    engine.run(0, x, [[0, 2]], w)  # a hit on the admitted expert; one miss: a copy would cost more than it is worth
+    engine.run(0, x, [[3, 4]], w)  # 3 copied by choice into the free slot
+    assert sorted(engine.cache.resident(0)) == [0, 3] and policy.value.count == 1
+    engine.run(0, x, [[5, 6]], w)  # 5 displaces 0 (least recent): 0's record closes at +1
+    assert sorted(engine.cache.resident(0)) == [3, 5]
+    assert (policy.value.net, policy.value.count) == (policy.value.PRIOR_HITS + 1, 2)
+    s = engine.stats()
+    assert s["expert_hits"] == 1 and s["expert_copies"] == 3 and s["cpu_expert_runs"] == 4
 
 
 def test_host_runs_are_not_admitted(ckpt):

@@ -31,3 +31,11 @@ def test_slow_pcie_favours_the_cpu_and_fast_pcie_the_copies(tmp_path, capsys):
     f = fast["rtx3060-ddr4"]["tokens_per_s"]
     assert abs(f["hybrid"] - f["copy-only"]) < 1e-9 * f["copy-only"]  # every miss copied
     assert "PROJECTION" in capsys.readouterr().out
+
+
+def test_with_dram_contention_hybrid_keeps_a_cache_and_beats_both_designs(tmp_path):
+    # the greedy split this replaced never copied here: its cache emptied and it fell below copy-only
+    r = project_gpu.main([trace(tmp_path), "--preset", "rtx3060-ddr4"])["rtx3060-ddr4"]
+    t = r["tokens_per_s"]
+    assert t["hybrid"] > 1.2 * t["copy-only"] and t["hybrid"] > 1.2 * t["llama.cpp-style"]
+    assert r["hit_rate"]["hybrid"] > 0.3 and 0 <= r["hybrid_net_hits_per_admission"] < 2
