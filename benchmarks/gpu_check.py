@@ -11,6 +11,8 @@ bf16 throughout; the shipped model, and a mixtral-1/8 checkpoint made once into 
   4. sweep      mixtral-1/8: bytes/token and stall at K=2/4/8, prefetch on and off; and a --device-memory
                 budget against memory_reserved() + the context (what nvidia-smi shows)
   5. experts    ms per expert use (one decoding token) for bf16, 4-bit and 2-bit experts, fused and dequant
+  6. hybrid     the shipped model at K=2 with every miss copied, run on the CPU, and auto (issue 14): the
+                calibrated cost model, how the misses were served, greedy ids against copy, tok/s
 Writes benchmarks/results/gpu_check.json and prints a table. Without a GPU it says so and exits 0.
 """
 
@@ -90,6 +92,25 @@ def shipped(n: int) -> dict:
         ids, seconds = greedy(model, n)
         want = want or ids
         rows[name] = {"same_ids": ids == want, **engine_row(model, ids, seconds, n)}
+        _close(model)
+    return rows
+
+
+def hybrid(n: int) -> dict:
+    from mixtral_lite import default_model_path
+    from mixtral_lite.offloading import make_factory
+
+    rows, want = {}, None
+    for mode in ("copy", "cpu", "auto"):
+        model = load(default_model_path(), make_factory(slots=2, store="ram", miss_policy=mode))
+        greedy(model, 4)
+        ids, seconds = greedy(model, n)
+        want = want or ids
+        s, misses = model.experts.stats(), model.experts.engine.miss_policy
+        rows[f"K=2 {mode}"] = {"same_ids_as_copy": ids == want, "copies": s["expert_copies"],
+                               "cpu_runs": s["cpu_expert_runs"], "cpu_s": s["cpu_expert_s"],
+                               "cost_model": misses.costs.describe() if misses.costs else misses.mode,
+                               **engine_row(model, ids, seconds, n)}
         _close(model)
     return rows
 
@@ -270,7 +291,7 @@ def table(results: dict) -> str:
     lines = [f"# gpu_check on {results['device']} (torch {results['torch']})", ""]
     for name in ("tests", "syncs", "budget"):
         lines.append(f"- {name}: {json.dumps(results.get(name))}")
-    for name in ("shipped", "sweep"):
+    for name in ("shipped", "sweep", "hybrid"):
         rows = results.get(name) or {}
         if "error" in rows:
             lines.append(f"- {name}: {rows['error']}")
@@ -310,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     section(results, "sweep", sweep, path, args.tokens)
     section(results, "budget", budget, path, args.device_memory, args.tokens)
     section(results, "experts", expert_ms)
+    section(results, "hybrid", hybrid, args.tokens)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))

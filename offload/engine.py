@@ -78,11 +78,12 @@ class OffloadEngine:
         self, store: ExpertStore, codec: ExpertCodec, expert_fn: Callable[..., torch.Tensor],
         slots: int, device: torch.device | str, policy: str = "lru", prefetch: bool = True,
         transfer: Callable[[int, int], Transfer] | None = None,
-        miss_policy: MissPolicy | None = None, host: HostExperts | None = None,
+        miss_policy: MissPolicy | None = None, host: HostExperts | None = None, host_thread: bool | None = None,
     ):
         """transfer: (num_slots, nbytes) -> Transfer, instead of make_transfer's choice for `device`.
         miss_policy: how many of a layer's misses to copy (default: all); the others run on `host`
-        (default on the CPU device: the engine's own codec and expert function)."""
+        (default on the CPU device: the engine's own codec and expert function); host_thread: run them on
+        a worker thread while this one queues the device's work (default: on CUDA only)."""
         if codec.layout != store.layout:
             raise ValueError("the codec's layout differs from the store's packed layout")
         self.store, self.codec, self.expert_fn, self.prefetch = store, codec, expert_fn, prefetch
@@ -106,10 +107,11 @@ class OffloadEngine:
                 raise ValueError("misses on the host need a HostExperts with a CPU codec on this device")
             host = HostExperts(store, codec, expert_fn)
         self.host = host
-        # beside a GPU the host experts run on their own thread while this one queues the device's work
-        cuda = torch.device(device).type == "cuda"
+        if host_thread is None:
+            host_thread = torch.device(device).type == "cuda"
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="host-experts", initializer=torch.set_num_threads,
-                                          initargs=(torch.get_num_threads(),)) if host and cuda else None
+                                          initargs=(torch.get_num_threads(),)) if host and host_thread else None
+        self._pin = torch.device(device).type == "cuda"
         self._staging: torch.Tensor | None = None  # pinned rows for the host experts (grown, never per step)
         self._staged: torch.Tensor | None = None
         self._optional: set[int] = set()  # this step's misses copied for their later value
@@ -180,7 +182,7 @@ class OffloadEngine:
         out = {}
         for e in experts:
             y = self.host.run(layer, e, x_host if rows == 1 else x_host[torch.tensor(groups[e][0])])
-            out[e] = y.pin_memory() if self._worker is not None else y
+            out[e] = y.pin_memory() if self._pin else y
         return out, time.perf_counter() - t0
 
     def _host_results(self, pending, x: torch.Tensor) -> dict[int, torch.Tensor]:

@@ -29,6 +29,9 @@ def test_parts_run_on_the_cpu(monkeypatch):
     assert rows["K=4 ram"]["hit_rate"] is not None
     ms = gpu_check.expert_ms(repeats=1, shapes={"tiny": (128, 64)})
     assert {"tiny bf16", "tiny 4-bit dequant", "tiny 4-bit fused", "tiny 2-bit dequant"} <= set(ms)
+    hybrid = gpu_check.hybrid(3)  # on the CPU device auto copies (both paths share the cores)
+    assert all(r["same_ids_as_copy"] for r in hybrid.values()) and hybrid["K=2 cpu"]["copies"] == 0
+    assert hybrid["K=2 cpu"]["cpu_runs"] > 0 == hybrid["K=2 auto"]["cpu_runs"]
     text = gpu_check.table({"device": "cpu", "torch": torch.__version__, "shipped": rows, "experts": ms,
-                            "sweep": {"error": "skipped"}})
-    assert "| K=4 mmap |" in text and "tiny 2-bit fused" in text
+                            "sweep": {"error": "skipped"}, "hybrid": hybrid})
+    assert "| K=4 mmap |" in text and "tiny 2-bit fused" in text and "| K=2 cpu |" in text

@@ -48,6 +48,18 @@ def test_every_miss_policy_is_bitwise_equal(ckpt, store, top_k, tokens, name):
             assert s["cpu_expert_runs"] == 0 and s["cpu_expert_s"] == 0.0
 
 
+@pytest.mark.parametrize("name", ["cpu", "mix"])
+def test_host_experts_on_a_worker_thread_are_bitwise_equal(ckpt, name):
+    tensors, files = ckpt
+    engine = engine_with(files, policies()[name], slots=2, store="mmap", prefetch=True, host_thread=True)
+    assert engine._worker is not None
+    drive(engine, tensors, steps(6, 2, 1, 5), guess=True)
+    drive(engine, tensors, steps(6, 2, 4, 2), guess=True)
+    s = engine.stats()
+    assert s["cpu_expert_runs"] > 0 and s["expert_misses"] == s["expert_copies"] + s["cpu_expert_runs"]
+    engine.close()
+
+
 def test_copies_by_choice_are_admitted_and_valued(ckpt):
     tensors, files = ckpt
     policy = policies()["auto-by-choice"]
