@@ -243,13 +243,14 @@ def run(model, tok, ids: list[int], args, device, window: int) -> dict:
     """Generate, streaming text to stdout; return the figures (also after SIGINT/SIGTERM)."""
     from .generation import generate_stream
     from .kv_cache import kv_cache_bytes
-    from .runstats import cuda_memory, device_bytes, peak_rss_bytes
+    from .runstats import cuda_memory, device_bytes, disk_read_bytes, peak_rss_bytes
     from .tokenizer import StreamingDetokenizer
 
     dtype = model.embed.weight.dtype
     eos = None if args.ignore_eos else tok.eos_id
     detok = StreamingDetokenizer(tok)
     generated: list[int] = []
+    disk0 = disk_read_bytes()
     t0 = time.perf_counter()
     t_first, interrupted = None, None
     stream = generate_stream(model, [ids], args.max_new_tokens, window=window, temperature=args.temperature,
@@ -271,6 +272,7 @@ def run(model, tok, ids: list[int], args, device, window: int) -> dict:
     if interrupted:
         _write(detok.flush() + "\n")
     t_end = time.perf_counter()
+    disk1 = disk_read_bytes()
     t_first = t_first or t_end
     decode_n = max(len(generated) - 1, 0)
     return {
@@ -279,6 +281,7 @@ def run(model, tok, ids: list[int], args, device, window: int) -> dict:
         "prompt_tokens_per_s": len(ids) / (t_first - t0) if t_first > t0 else 0.0,
         "decode_tokens_per_s": decode_n / (t_end - t_first) if decode_n and t_end > t_first else 0.0,
         "peak_rss_bytes": peak_rss_bytes(),
+        "disk_read_bytes": None if disk0 is None or disk1 is None else disk1 - disk0,
         "peak_device_bytes": device_bytes(model, kv_cache_bytes(model.config, window, dtype), device),
         **cuda_memory(device),
         "window": window, "device": str(device), "dtype": str(dtype).removeprefix("torch."),

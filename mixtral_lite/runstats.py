@@ -27,6 +27,15 @@ def peak_rss_bytes() -> int:
     return max(peak, info.rss)
 
 
+def disk_read_bytes() -> int | None:
+    """Bytes this process has made the kernel read from storage (page-cache misses of a mapped store
+    included; reads the page cache served are not); None where the platform does not count them."""
+    try:
+        return psutil.Process().io_counters().read_bytes
+    except (AttributeError, psutil.Error, OSError):
+        return None
+
+
 def device_bytes(model, cache_bytes: int, device: torch.device) -> int:
     """Peak bytes on the device: CUDA's allocator peak, else what we placed there ourselves."""
     if device.type == "cuda":
@@ -85,6 +94,11 @@ def format_stats(stats: dict) -> str:
         f"decode: {stats['generated_tokens']} tokens at {stats['decode_tokens_per_s']:.2f} tokens/s",
         f"memory: peak RSS {stats['peak_rss_bytes'] / mib:.0f} MiB   {device}",
     ]
+    if stats.get("disk_read_bytes") is not None:
+        tokens = stats["prompt_tokens"] + stats["generated_tokens"]
+        lines.append(f"disk: {stats['disk_read_bytes'] / mib:.1f} MiB read from storage while generating "
+                     f"({stats['disk_read_bytes'] / max(tokens, 1) / mib:.2f} MiB per token, prompt tokens included; "
+                     "what the page cache served is not counted)")
     if "hit_rate" in stats:
         lines += _expert_lines(stats)
     return "\n".join(lines)

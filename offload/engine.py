@@ -177,25 +177,25 @@ class OffloadEngine:
         return staged if staged is not None else x.to("cpu")  # on the CPU device: x itself
 
     def _on_host(self, layer: int, experts: list[int], x_host: torch.Tensor, groups: dict, rows: int):
-        """The misses computed on the host from the host store: (expert -> host result, seconds)."""
+        """The misses computed on the host from the host store: (their results, their rows, seconds)."""
         t0 = time.perf_counter()
-        out = {}
-        for e in experts:
-            y = self.host.run(layer, e, x_host if rows == 1 else x_host[torch.tensor(groups[e][0])])
-            out[e] = y.pin_memory() if self._pin else y
-        return out, time.perf_counter() - t0
+        ys = [self.host.run(layer, e, x_host if rows == 1 else x_host[torch.tensor(groups[e][0])]) for e in experts]
+        sizes = [y.shape[0] for y in ys]
+        if self._pin:  # one pinned block, so that the results cross back in one copy
+            ys = torch.cat(ys).pin_memory()
+        return ys, sizes, time.perf_counter() - t0
 
-    def _host_results(self, pending, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        """The host results on x's device (pinned + async on CUDA: the host never waits behind the
-        device's queued work; the caching host allocator keeps the pinned rows alive)."""
-        out, seconds = pending.result() if self._worker is not None else pending
+    def _host_results(self, experts: list[int], pending, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """expert -> its host result on x's device (on CUDA one async copy from pinned memory: the host never
+        waits behind the device's queued work, and the caching host allocator keeps the block alive)."""
+        ys, sizes, seconds = pending.result() if self._worker is not None else pending
         c = self.counters
-        c.cpu_runs += len(out)
+        c.cpu_runs += len(experts)
         c.cpu_s += seconds
-        c.copies_avoided_bytes += len(out) * self.store.layout.nbytes
-        if x.device.type == "cuda":
-            return {e: y.to(x.device, non_blocking=True) for e, y in out.items()}
-        return out
+        c.copies_avoided_bytes += len(experts) * self.store.layout.nbytes
+        if self._pin:
+            ys = ys.to(x.device, non_blocking=True).split(sizes)
+        return dict(zip(experts, ys, strict=True))
 
     def _split(self, hits: list[int], misses: list[int], rows: int) -> tuple[list[int], list[int]]:
         """(misses to copy, misses to run on the host), by the miss policy."""
@@ -245,7 +245,7 @@ class OffloadEngine:
             self._issue(layer, pending, pinned)
             guess = self._prefetch_when_idle(layer + 1, guess, pending)
         if host_work is not None:
-            outputs |= self._host_results(host_work, x)
+            outputs |= self._host_results(on_host, host_work, x)
         self.cache.tick(layer)
         return _accumulate(x, groups, index, outputs, weights)
 

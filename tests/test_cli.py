@@ -14,7 +14,7 @@ from mixtral_lite.model import load_model
 from mixtral_lite.tokenizer import Tokenizer
 
 KEYS = {"prompt_tokens", "generated_tokens", "generated_ids", "load_s", "ttft_s", "decode_tokens_per_s",
-        "peak_rss_bytes", "peak_device_bytes"}
+        "peak_rss_bytes", "peak_device_bytes", "disk_read_bytes"}
 
 
 def run_cli(capsys, *argv):
