@@ -172,10 +172,6 @@ class OffloadEngine:
         self._staged = self._staging[: x.shape[0]]
         self._staged.copy_(x, non_blocking=True)
 
-    def _host_rows(self, x: torch.Tensor) -> torch.Tensor:
-        staged, self._staged = self._staged, None
-        return staged if staged is not None else x.to("cpu")  # on the CPU device: x itself
-
     def _on_host(self, layer: int, experts: list[int], x_host: torch.Tensor, groups: dict, rows: int):
         """The misses computed on the host from the host store: (their results, their rows, seconds)."""
         t0 = time.perf_counter()
@@ -211,6 +207,7 @@ class OffloadEngine:
         guess_host: list[list[int]] | None = None,
     ) -> torch.Tensor:
         """Sum over a of weights[t, a] * expert_{ids[t][a]}(x[t]); x [T, D], weights [T, A] -> [T, D]."""
+        staged, self._staged = self._staged, None  # this call's rows only (stage_rows)
         groups = group_by_expert(ids_host)
         needed = list(groups)
         self.prefetcher.observe(layer, set(needed))
@@ -229,7 +226,8 @@ class OffloadEngine:
         index = index_tensors(groups, x.device) if x.shape[0] > 1 else None
         host_work = None
         if on_host:  # on the host while the device computes (on the CPU device: in turn, same cores)
-            args = (layer, on_host, self._host_rows(x), groups, x.shape[0])
+            rows = staged if staged is not None else x.to("cpu")  # on the CPU device: x itself
+            args = (layer, on_host, rows, groups, x.shape[0])
             host_work = self._worker.submit(self._on_host, *args) if self._worker else self._on_host(*args)
         outputs = {}
         for e in hits:  # resident first, queued on the device while the misses are in flight
