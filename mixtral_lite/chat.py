@@ -8,10 +8,12 @@ Ctrl-C stops the current answer and keeps the chat; Ctrl-D at the prompt exits.
 from __future__ import annotations
 
 import argparse
+import secrets
 import signal
 import sys
 
-from .loading import add_model_args, add_sampling_args, prepare
+from .cli import POSITIVE, add_model_args, add_sampling_args
+from .loading import prepare
 from .sampling import check_args
 from .session import Generation, Params, Session
 
@@ -23,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_sampling_args(p)
     p.add_argument("--system", help="system prompt (folded into the first user turn, as Mistral's template does)")
-    p.add_argument("-n", "--max-new-tokens", type=int, default=512, help="longest answer, in tokens")
+    p.add_argument("-n", "--max-new-tokens", type=POSITIVE, default=512, help="longest answer, in tokens")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-sequence token")
     return p
 
@@ -106,8 +108,9 @@ def repl(chat: Chat) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.max_new_tokens < 1:
-        raise SystemExit("error: -n/--max-new-tokens must be >= 1")
+    if args.seed == -1:  # generate's rule: a random seed, printed
+        args.seed = secrets.randbits(63)
+        print(f"seed: {args.seed} (-s {args.seed} repeats this chat)", file=sys.stderr)
     try:
         check_args(args.temperature, args.top_k, args.top_p)
     except ValueError as e:

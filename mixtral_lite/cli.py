@@ -81,6 +81,29 @@ NON_NEGATIVE = int_range(0, what=">= 0")
 SEED = int_range(-1, (1 << 64) - 1, what="-1 (random) or between 0 and 2**64 - 1")
 
 
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The flags of every command that loads a model to generate with (generate, server, chat)."""
+    p.add_argument("-m", "--model", type=Path, help="checkpoint folder (default: the shipped Austen model)")
+    p.add_argument("-c", "--ctx-size", type=POSITIVE, default=4096,
+                   help="KV window when the model has no sliding_window; a window shorter than the "
+                        "text is an approximation (Mixtral-8x7B has no sliding window)")
+    p.add_argument("-b", "--batch-size", type=POSITIVE, default=512, help="prompt tokens per prefill chunk")
+    p.add_argument("-t", "--threads", type=POSITIVE,
+                   help="CPU threads for torch (default: the physical cores, fewer when others are busy)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: float32 on cpu, the checkpoint's on cuda")
+    from .offload_args import add_args  # no torch either
+
+    add_args(p)
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=NON_NEGATIVE, default=40, help="0 = off")
+    p.add_argument("--top-p", type=float, default=0.95, help="1 = off")
+    p.add_argument("-s", "--seed", type=SEED, default=-1, help="sampling seed (default -1: random, printed)")
+
+
 def fail(message: str, status: int = EXIT_ERROR) -> Exit:
     """Print `error: message` on stderr; return the Exit to raise."""
     print(f"error: {message}", file=sys.stderr)

@@ -16,11 +16,10 @@ from pathlib import Path
 
 from . import default_model_path
 from .cli import (
-    DTYPE_NAMES,
     NON_NEGATIVE,
-    POSITIVE,
-    SEED,
     Terminated,
+    add_model_args,
+    add_sampling_args,
     add_version,
     check_model_dir,
     check_output,
@@ -30,7 +29,6 @@ from .cli import (
     read_text,
     silence_stdout,
 )
-from .offload_args import add_args as add_offload_args
 
 # On CUDA the shipped demo offloads 4 of its 8 experts per layer, to show the cache at work; on the
 # CPU the "device" is the same RAM, so offloading there would only cost time and stays off by default.
@@ -49,22 +47,11 @@ def __getattr__(name: str):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mixtral-lite", description=__doc__.splitlines()[0])
     add_version(p)
-    p.add_argument("-m", "--model", type=Path, help="checkpoint folder (default: the shipped Austen model)")
     p.add_argument("-p", "--prompt", help="prompt text")
     p.add_argument("-f", "--file", type=Path, help="read the prompt from this UTF-8 file (- = stdin)")
     p.add_argument("-n", "--max-new-tokens", type=NON_NEGATIVE, default=128)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=NON_NEGATIVE, default=40, help="0 = off")
-    p.add_argument("--top-p", type=float, default=0.95, help="1 = off")
-    p.add_argument("-s", "--seed", type=SEED, default=-1, help="sampling seed (default -1: random, printed)")
-    p.add_argument("-c", "--ctx-size", type=POSITIVE, default=4096,
-                   help="KV window when the model has no sliding_window; a window shorter than the "
-                        "text is an approximation (Mixtral-8x7B has no sliding window)")
-    p.add_argument("-b", "--batch-size", type=POSITIVE, default=512, help="prompt tokens per prefill chunk")
-    p.add_argument("-t", "--threads", type=POSITIVE,
-                   help="CPU threads for torch (default: the physical cores, fewer when others are busy)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: float32 on cpu, the checkpoint's on cuda")
+    add_model_args(p)  # -m -c -b -t --device --dtype and the offload flags, shared with server and chat
+    add_sampling_args(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the Instruct chat format")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-sequence token")
     p.add_argument("--stats-json", type=Path, help="write the run's figures to this JSON file")
@@ -72,7 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record every (token, layer) expert choice and prefetch guess as jsonl")
     p.add_argument("--dry-run", action="store_true",
                    help="print the memory plan (dense, KV cache, expert slots, host RAM) without loading weights")
-    add_offload_args(p)
     return p
 
 
@@ -119,7 +105,7 @@ def _main(args) -> None:
         _shipped_defaults(args)
     if args.dry_run:
         return _dry_run(args, cfg, model_dir, device, dtype)
-    _set_threads(args)
+    set_threads(args)
     if args.seed == -1:
         args.seed = secrets.randbits(63)
         print(f"seed: {args.seed} (-s {args.seed} repeats this run)", file=sys.stderr)
@@ -204,7 +190,7 @@ def _shipped_defaults(args) -> None:
         args.experts_per_layer = SHIPPED_EXPERTS_PER_LAYER
 
 
-def _set_threads(args) -> None:
+def set_threads(args) -> None:
     import torch
 
     from .threads import default_threads

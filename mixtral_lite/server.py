@@ -24,7 +24,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .api_schema import ApiError, ChatRequest, CompletionRequest, Sampling, parse
-from .loading import add_model_args, prepare
+from .cli import add_model_args
+from .loading import prepare
 from .metrics import Metrics
 from .scheduler import DONE, Job, QueueFull, Scheduler
 from .session import Generation, Params
