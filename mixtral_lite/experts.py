@@ -106,6 +106,8 @@ class FusedResidentExperts:
 
     What the offload engine's slots hold when every expert is cached, without the cache's
     bookkeeping: the same products in the same order, so its output is bitwise the engine's.
+    Experts stored in the kernel's own layout (--prepack) are not copied on the CPU: the kernel
+    reads the mapped file (the page cache holds what fits, the disk serves the rest).
     """
 
     wants_guess = False
@@ -115,12 +117,20 @@ class FusedResidentExperts:
         self.buffers: list[torch.Tensor] = []
         self.mats: list[list[tuple]] = []
         device = torch.device(device)
+        in_place = device.type == "cpu" and codec.slot_layout == codec.layout
         for layer in range(store.num_layers):
             row = []
             for e in range(store.num_experts):
+                if in_place and (whole := _whole(store.pieces(layer, e), codec.layout.nbytes)) is not None:
+                    self.buffers.append(whole)  # mapped pages: never released, the kernel reads them
+                    row.append(codec.decode(views(whole, codec.layout)))
+                    continue
                 buf = torch.empty(codec.slot_layout.nbytes, dtype=torch.uint8, device=device)
                 slot = views(buf, codec.slot_layout)
-                if device.type == "cpu":
+                if in_place:  # stored in pieces: one copy
+                    for p in store.pieces(layer, e):
+                        buf[p.offset : p.offset + p.src.numel()].copy_(p.src)
+                elif device.type == "cpu":
                     codec.fill(store.pieces(layer, e), slot)
                 else:  # the packed bytes cross once, then convert on the device
                     packed = torch.cat([p.src for p in store.pieces(layer, e)]).to(device)
@@ -136,6 +146,13 @@ class FusedResidentExperts:
     def run(self, layer, x, ids, weights, next_guess=None):
         ids_host = to_host(ids)  # the layer's single host sync
         return run_grouped(x, ids_host, weights, self.mats[layer].__getitem__, swiglu_fused)
+
+
+def _whole(pieces, nbytes: int) -> torch.Tensor | None:
+    """The expert's bytes as one tensor when the store hands them over in one piece (else None)."""
+    if len(pieces) == 1 and pieces[0].offset == 0 and pieces[0].src.numel() >= nbytes:
+        return pieces[0].src[:nbytes]
+    return None
 
 
 class ResidentExperts:

@@ -25,6 +25,7 @@ from offload.fused import FusedCodec
 from offload.host_experts import HostExperts, calibrate
 from offload.hostsync import to_host
 from offload.miss_policy import MissPolicy
+from offload.prepacked import PrepackedCodec
 from offload.store import RamStore, SafetensorsSource
 
 from .budget import GIB, DevicePlan, check_reserved, choose_slots, dense_bytes, runtime_bytes  # noqa: F401
@@ -148,7 +149,7 @@ def make_factory(*, slots: int | None, store: str = "ram", prefetch: bool = True
             # every expert cached: read each once through the mapping (no RAM copy of the store beside the
             # converted experts) and keep it in the kernel's layout, with no cache to keep
             host, codec = open_experts(cfg, ckpt, "mmap", device, dtype)
-            if isinstance(codec, FusedCodec):
+            if isinstance(codec, (FusedCodec, PrepackedCodec)):
                 return FusedResidentExperts(host, codec, device)
         host, codec = open_experts(cfg, ckpt, store, device, dtype)
         plan = None

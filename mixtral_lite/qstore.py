@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from offload.fused import FusedCodec, fused_unsupported
+from offload.fused import FusedCodec, fused_unsupported, kernel_layout, output_matrices
+from offload.prepacked import PACKING, PrepackedCodec, prepack_unsupported
 from offload.qdense import dense_layout, dequantized
 from offload.quant import HQQCodec, QuantSpec, expert_layout, layout_from_dict
 from offload.store import Piece, RamStore, SafetensorsSource, StoreError
@@ -47,6 +48,7 @@ VERSION = 2
 MANIFEST = "manifest.json"
 DENSE = "dense.safetensors"
 EXPERT_ROLES = ("w1", "w2", "w3")  # the order swiglu_expert takes them
+STACK = {"w13": ("w1", "w3")}  # one kernel matrix for the up-projections: (w13, w2) per expert
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,7 @@ class QStore:
             self.spec = QuantSpec.from_dict(ex["spec"])
             self.matrices = {k: tuple(v) for k, v in ex["matrices"].items()}
             self.layout = layout_from_dict(ex["layout"])
+            self.packing = ex.get("packing", "hqq")
             self._check_experts(ex)
         dense = self.manifest["dense"]
         self.quantized: dict[str, str] = {n: t["kind"] for n, t in dense["tensors"].items()}
@@ -157,7 +160,15 @@ class QStore:
         if self.matrices != expert_matrices(self.config):
             raise CheckpointError(f"{where}: expert shapes {self.matrices} do not match config.json "
                                   f"({expert_matrices(self.config)})")
-        if self.layout != expert_layout(self.matrices, self.spec):
+        if self.packing == PACKING:
+            _, names, out_shapes = output_matrices(self.matrices, STACK)
+            want = kernel_layout(names, out_shapes, self.spec.group_size, "cpu")
+        elif self.packing == "hqq":
+            want = expert_layout(self.matrices, self.spec)
+        else:
+            raise CheckpointError(f"{where}: expert packing {self.packing!r} is not one this mixtral-lite reads "
+                                  f"(hqq, {PACKING})")
+        if self.layout != want:
             raise CheckpointError(f"{where}: packed expert layout disagrees with its quantization settings")
         crc = ex["crc32"]
         if len(crc) != self.config.num_layers or any(len(r) != self.config.num_experts for r in crc):
@@ -250,14 +261,25 @@ class QStore:
         checked = ChecksummedSource(src, ex["crc32"], files)
         return checked if kind == "mmap" else RamStore(checked, pin=pin)
 
-    def codec(self, device: torch.device | str, dtype: torch.dtype) -> FusedCodec | HQQCodec:
+    def codec(self, device: torch.device | str, dtype: torch.dtype) -> FusedCodec | PrepackedCodec | HQQCodec:
         """The experts' codec: torch's fused int4 kernel (slots converted once at load, w1 and w3 stacked
         into one matrix; returns (w13, w2)) where it exists, else dequantization into scratch allocated
-        once, right before the matmul (returns (w1, w2, w3)). `codec_note` says which, and why."""
+        once, right before the matmul (returns (w1, w2, w3)). `codec_note` says which, and why.
+        A --prepack store holds the CPU kernel's layout: read as it is on the CPU, converted on CUDA."""
+        kind = torch.device(device).type
+        if self.packing == PACKING:
+            why = prepack_unsupported(self.matrices, self.spec, device, STACK) if self.fused else \
+                "the dequantize-then-multiply path reads hqq's layout only"
+            if why:
+                raise CheckpointError(f"{self.path}: experts stored in the CPU int4 kernel's layout (--prepack) "
+                                      f"cannot run on {kind} here: {why}; re-make the store without --prepack")
+            self.codec_note = f"fused int4 kernel on {kind}, experts stored in the CPU kernel's layout" + (
+                " (read in place)" if kind == "cpu" else " (converted per load on the device)")
+            return PrepackedCodec(self.matrices, self.spec, device, STACK)
         why = fused_unsupported(self.matrices, self.spec, device) if self.fused else "asked for"
         if why is None:
-            self.codec_note = f"fused int4 kernel on {torch.device(device).type}"
-            return FusedCodec(self.matrices, self.spec, device, stack={"w13": ("w1", "w3")})
+            self.codec_note = f"fused int4 kernel on {kind}"
+            return FusedCodec(self.matrices, self.spec, device, stack=STACK)
         self.codec_note = f"dequantize-then-multiply ({why})"
         return HQQCodec(self.matrices, self.spec, device, dtype)
 

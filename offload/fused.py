@@ -37,6 +37,24 @@ def fused_unsupported(shapes: dict[str, tuple[int, int]], spec: QuantSpec, devic
     return None
 
 
+def output_matrices(shapes: dict[str, tuple[int, int]], stack: dict[str, tuple[str, ...]] | None):
+    """(groups, names, out_shapes) of the kernel matrices: stacked groups first as given, then every
+    matrix not stacked, ordered by their first part's place in `shapes`."""
+    stack = dict(stack or {})
+    taken = {m for parts in stack.values() for m in parts}
+    for out, parts in stack.items():
+        if len({shapes[p][1] for p in parts}) != 1:
+            raise ValueError(f"stacking {parts} into {out}: input widths differ")
+    groups = {**stack, **{n: (n,) for n in shapes if n not in taken}}
+    names = tuple(sorted(groups, key=lambda o: min(list(shapes).index(p) for p in groups[o])))
+    out_shapes = {o: (sum(shapes[p][0] for p in ps), shapes[ps[0]][1]) for o, ps in groups.items()}
+    return groups, names, out_shapes
+
+
+def kernel_layout(names, out_shapes: dict[str, tuple[int, int]], group: int, device: torch.device | str) -> Layout:
+    return Layout.plan([s for o in names for s in int4_specs(o, *out_shapes[o], group, device)])
+
+
 class FusedCodec:
     """Packed HQQ experts converted at load into torch's int4 layout (see the module docstring)."""
 
@@ -47,23 +65,14 @@ class FusedCodec:
             raise ValueError(f"fused int4 kernel unavailable: {why}")
         self.shapes, self.spec = dict(shapes), spec
         self.layout = expert_layout(self.shapes, spec)
-        # output matrices: stacked groups first as given, then every matrix not stacked, in shapes order
-        stack = dict(stack or {})
-        taken = {m for parts in stack.values() for m in parts}
-        for out, parts in stack.items():
-            if len({shapes[p][1] for p in parts}) != 1:
-                raise ValueError(f"stacking {parts} into {out}: input widths differ")
-        self.groups = {**stack, **{n: (n,) for n in shapes if n not in taken}}
-        self.names = tuple(sorted(self.groups, key=lambda o: min(list(shapes).index(p) for p in self.groups[o])))
-        self.out_shapes = {o: (sum(shapes[p][0] for p in ps), shapes[ps[0]][1]) for o, ps in self.groups.items()}
-        g = spec.group_size
-        self.slot_layout = Layout.plan([s for o in self.names for s in int4_specs(o, *self.out_shapes[o], g, device)])
+        self.groups, self.names, self.out_shapes = output_matrices(shapes, stack)
+        self.slot_layout = kernel_layout(self.names, self.out_shapes, spec.group_size, device)
         # scratch on the conversion's device, allocated once: codes and fp32 scale/zero of the largest
         # output matrix, and one packed code tensor (uint8; int32 for 3 bits, viewed)
         n_k = max(n * k for n, k in self.out_shapes.values())
         q_max = max(e.nbytes for e in self.layout.entries if e.name.endswith(".q"))
         self._scratch_sizes = {"codes": n_k, "bits": q_max}
-        self._meta_size = n_k // g
+        self._meta_size = n_k // spec.group_size
         self._scratch: dict[torch.device, dict[str, torch.Tensor]] = {}
         self._host_buf: torch.Tensor | None = None
 

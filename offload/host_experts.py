@@ -2,8 +2,10 @@
 
 Only the activations cross the bus: the expert's packed bytes are converted into ONE host scratch slot
 (allocated once, the host codec's `slot_layout`, via `codec.fill`) and the host codec's kernel runs on
-the rows moved to the host. On the CPU device the host codec is the engine's own codec, so a CPU run
-performs exactly the operations a copy into a slot followed by a compute performs: bitwise the same.
+the rows moved to the host. Experts stored in the host kernel's own layout (--prepack) are not copied:
+the kernel reads the store's bytes (RAM or the mapped file) in place. On the CPU device the host codec
+is the engine's own codec, so a CPU run performs exactly the operations a copy into a slot followed by a
+compute performs: bitwise the same.
 The expert is never admitted to the cache by this path.
 
 `calibrate` measures the cost model's three figures once at start-up (offload/miss_policy.py).
@@ -27,12 +29,19 @@ class HostExperts:
         self.store, self.codec, self.expert_fn = store, codec, expert_fn
         self._buf = torch.empty(held.nbytes, dtype=torch.uint8)
         self._views = views(self._buf, held)
+        self._in_place = held == store.layout and not hasattr(codec, "fill")  # the kernel reads the store
 
     def run(self, layer: int, expert: int, x_host: torch.Tensor) -> torch.Tensor:
         """expert(x_host) on the host; the store's pages for it are released once read."""
-        self._fill(self.store.pieces(layer, expert))
+        pieces = self.store.pieces(layer, expert)
+        p = pieces[0]
+        if self._in_place and len(pieces) == 1 and p.offset == 0 and p.src.numel() >= self._buf.numel():
+            y = self.expert_fn(x_host, *self.codec.decode(views(p.src[: self._buf.numel()], self.store.layout)))
+        else:
+            self._fill(pieces)
+            y = self.expert_fn(x_host, *self.codec.decode(self._views))
         self.store.release(layer, expert)
-        return self.expert_fn(x_host, *self.codec.decode(self._views))
+        return y
 
     def _fill(self, pieces) -> None:
         """What a CPU load into a slot does: the codec's converting fill, or (slots of stored bytes) a copy."""

@@ -23,6 +23,7 @@ path): products take x in bf16 and return bf16; the caller casts once per block,
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,29 @@ def pack_int4_codes(codes: torch.Tensor, out: torch.Tensor) -> None:
         torch.bitwise_or(v[:, 0], v[:, 1] << 4, out=out.view(n // 64, k, 32).transpose(1, 2))
     else:
         out.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2))
+
+
+def unpack_int4_codes(packed: torch.Tensor, codes: torch.Tensor) -> None:
+    """The CPU layout's packed codes (N % 64 == 0) -> codes uint8 [N, K] in [0, 16), on packed's device:
+    the inverse of pack_int4_codes on the CPU."""
+    n, k = codes.shape
+    if n % 64:
+        raise ValueError(f"output width {n}: the CPU int4 layout is unpacked here only for multiples of 64")
+    blocks = packed.view(n // 64, k, 32).transpose(1, 2)
+    v = codes.view(n // 64, 2, 32, k)
+    torch.bitwise_and(blocks, 15, out=v[:, 0])
+    torch.bitwise_right_shift(blocks, 4, out=v[:, 1])
+
+
+@functools.cache
+def cpu_layout_is_ours() -> bool:
+    """Whether this torch's CPU int4 converter lays codes out as pack_int4_codes does (stores written in
+    the CPU kernel's layout depend on it)."""
+    codes = torch.arange(64 * 64, dtype=torch.int32).view(64, 64).remainder(16).flip(0)
+    ours = torch.empty(64 * 32, dtype=torch.uint8)
+    pack_int4_codes(codes.to(torch.uint8), ours)
+    theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    return torch.equal(ours, theirs.reshape(-1).view(torch.uint8))
 
 
 def pack_int4_meta(scale: torch.Tensor, zero: torch.Tensor, out: torch.Tensor) -> None:

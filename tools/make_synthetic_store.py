@@ -85,9 +85,11 @@ class SyntheticConverter(Converter):
     """Converter whose source is a SyntheticSource: same quantizer, writer, journal and manifest."""
 
     def __init__(self, source: SyntheticSource, dst: Path, spec: QuantSpec, dense: DenseSettings,
-                 shard_bytes: int, progress: bool = True, method: str = "rtn", reuse: bool = False):
+                 shard_bytes: int, progress: bool = True, method: str = "rtn", reuse: bool = False,
+                 prepack: bool = False):
         self.synthetic, self.reuse, self._first = source, reuse, None
-        super().__init__(source.path, dst, spec, dense, shard_bytes, "cpu", progress, method, ckpt=source)
+        super().__init__(source.path, dst, spec, dense, shard_bytes, "cpu", progress, method, ckpt=source,
+                         prepack=prepack)
         if reuse:  # another store than the distinct-experts one: a resume must not mix the two
             self.head["source"] = self.head["source"] | {"reuse_experts": True}
 
@@ -123,10 +125,10 @@ class SyntheticConverter(Converter):
 
 def make_store(dst: str | Path, preset: str, spec: QuantSpec, dense: DenseSettings | None = None, seed: int = 0,
                shard_bytes: int = 2000 << 20, resume: bool = False, method: str = "rtn", progress: bool = True,
-               fail_after: int | None = None, reuse: bool = False) -> Path:
+               fail_after: int | None = None, reuse: bool = False, prepack: bool = False) -> Path:
     """Write (or resume, or confirm) the synthetic store DST; returns DST."""
     c = SyntheticConverter(SyntheticSource(preset, seed), Path(dst), spec, dense or default_dense(), shard_bytes,
-                           progress, method, reuse)
+                           progress, method, reuse, prepack)
     return run_converter(c, resume, fail_after)
 
 
@@ -149,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse-experts", action="store_true",
                    help="quantize one expert and write its bytes for all of them: a store for loader, memory and "
                         "disk benchmarks in about the time the disk takes to write it (outputs are meaningless)")
+    p.add_argument("--prepack", action="store_true",
+                   help="experts in the CPU int4 kernel's own layout (quantize_experts.py --prepack)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         if group < 1 or a.shard_mb < 1:
             raise QuantizeError("--group-size and --shard-mb must be positive integers")
         make_store(a.dst, a.preset, QuantSpec(a.bits, group), seed=a.seed, shard_bytes=a.shard_mb << 20,
-                   resume=a.resume, method=a.method, reuse=a.reuse_experts)
+                   resume=a.resume, method=a.method, reuse=a.reuse_experts, prepack=a.prepack)
     except (QuantizeError, CheckpointError, ValueError, OSError) as e:
         print(("\n" if Progress.line_open else "") + f"error: {e}", file=sys.stderr)
         return 2

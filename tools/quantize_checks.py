@@ -16,11 +16,13 @@ def store_differences(man: dict, c) -> list[str]:
     ours = {"expert quantization": c.spec.to_dict() if c.layout else None,
             "dense quantization (--attn-bits, --head-bits, --embed-bits)": c.dense.to_dict(),
             "method (--method)": c.method,
+            "expert layout (--prepack)": c.packing if c.layout else None,
             "experts per shard (--shard-mb)": c.per_shard if c.layout else None,
             "quantizer device": c.head["settings"]["device"], "source checkpoint": c.head["source"]}
     theirs = {"expert quantization": experts.get("spec"),
               "dense quantization (--attn-bits, --head-bits, --embed-bits)": quant.get("dense"),
               "method (--method)": quantizer.get("method"),
+              "expert layout (--prepack)": experts.get("packing", "hqq") if experts else None,
               "experts per shard (--shard-mb)": experts.get("per_shard"),
               "quantizer device": quantizer.get("device"), "source checkpoint": man.get("source")}
     out = []

@@ -21,8 +21,19 @@ from quantize_checks import store_differences  # noqa: E402
 from store_writing import Journal, Progress, StreamWriter, atomic_write  # noqa: E402
 
 from mixtral_lite.checkpoint import INDEX, SINGLE, Checkpoint, check_finite, expert_name, shard_map
-from mixtral_lite.qstore import DENSE, FORMAT, MANIFEST, VERSION, DenseSettings, expert_matrices, expert_tensor
-from offload.packing import pack_into
+from mixtral_lite.qstore import (
+    DENSE,
+    FORMAT,
+    MANIFEST,
+    STACK,
+    VERSION,
+    DenseSettings,
+    expert_matrices,
+    expert_tensor,
+)
+from offload.fused import FusedCodec
+from offload.packing import pack_into, views
+from offload.prepacked import PACKING, prepack_unsupported
 from offload.qdense import dense_layout, quantize_dense
 from offload.quant import QuantSpec, bits_per_weight, expert_layout, layout_to_dict, quantize_expert
 
@@ -60,7 +71,7 @@ class Converter:
     """One quantization run (fresh or resumed) of SRC into DST."""
 
     def __init__(self, src: Path, dst: Path, spec: QuantSpec, dense: DenseSettings, shard_bytes: int,
-                 device: str, progress: bool = True, method: str = "hqq", ckpt=None):
+                 device: str, progress: bool = True, method: str = "hqq", ckpt=None, prepack: bool = False):
         self.src, self.dst, self.spec, self.dense, self.device, self.method = src, dst, spec, dense, device, method
         # ckpt: anything with Checkpoint's interface (tools/make_synthetic_store.py passes seeded random tensors)
         self.ckpt = ckpt or Checkpoint(src)  # validates every tensor's presence and shape against config.json
@@ -73,6 +84,15 @@ class Converter:
             self.layout = expert_layout(self.matrices, spec) if self.cfg.is_moe else None
         except ValueError as e:
             raise QuantizeError(f"--bits {spec.bits} --group-size {spec.group_size}: experts: {e}") from None
+        # --prepack: each expert is quantized into hqq's layout, then written in the CPU kernel's
+        self.hqq_layout, self._prepacked = self.layout, None
+        if prepack and self.layout is not None:
+            why = prepack_unsupported(self.matrices, spec, "cpu", STACK)
+            if why:
+                raise QuantizeError(f"--prepack: {why}")
+            self._prepacked = (FusedCodec(self.matrices, spec, "cpu", STACK), torch.zeros(self.layout.nbytes,
+                                                                                          dtype=torch.uint8))
+            self.layout = self._prepacked[0].slot_layout
         self.dense_kinds = self._dense_kinds()
         self.total = self.cfg.num_layers * self.cfg.num_experts
         self.per_shard = max(1, shard_bytes // self.layout.nbytes) if self.layout else 1
@@ -80,7 +100,9 @@ class Converter:
         self.journal = Journal(dst / JOURNAL)
         self.progress = progress
         self._handles: dict[Path, object] = {}
+        self.packing = PACKING if self._prepacked else "hqq"
         self.head = {"settings": {"experts": spec.to_dict(), "method": method, "dense": dense.to_dict(),
+                                  "packing": self.packing,
                                   "shard_bytes": shard_bytes, "device": torch.device(device).type},
                      "source": self.source_identity(),
                      # the journal only: a source rewritten in place (same shapes, new weights) must not
@@ -184,7 +206,13 @@ class Converter:
     def quantize_one(self, index: int, buf: torch.Tensor) -> int:
         layer, e = divmod(index, self.cfg.num_experts)
         mats = {w: self.ckpt.get(expert_name(layer, e, w), torch.float32, "cpu") for w in self.matrices}
-        pack_into(buf, self.layout, quantize_expert(mats, self.spec, self.device, self.method))
+        parts = quantize_expert(mats, self.spec, self.device, self.method)
+        if self._prepacked is None:
+            pack_into(buf, self.layout, parts)
+        else:
+            fused, hqq_buf = self._prepacked
+            pack_into(hqq_buf, self.hqq_layout, parts)
+            fused.convert(views(hqq_buf, self.hqq_layout), views(buf, self.layout))
         return zlib.crc32(buf.numpy())
 
     def write_experts(self, crcs: list[int], fail_after: int | None) -> None:
@@ -260,7 +288,7 @@ class Converter:
             man["quantization"]["experts"]["bits_per_weight"] = bits_per_weight(self.layout, self.matrices)
             man["experts"] = {
                 "spec": self.spec.to_dict(), "matrices": {k: list(v) for k, v in self.matrices.items()},
-                "layout": layout_to_dict(self.layout), "nbytes": self.layout.nbytes,
+                "layout": layout_to_dict(self.layout), "nbytes": self.layout.nbytes, "packing": self.packing,
                 "tensor": "layers.{layer}.experts.{expert}",
                 "shards": [self.shard_name(s) for s in range(self.num_shards)],
                 "per_shard": self.per_shard, "checksum": "crc32",
@@ -286,10 +314,10 @@ class Converter:
 
 def convert(src: str | Path, dst: str | Path, spec: QuantSpec, dense: DenseSettings | None = None,
             shard_bytes: int = 2000 << 20, resume: bool = False, device: str = "cpu", fail_after: int | None = None,
-            progress: bool = True, method: str = "hqq") -> Path:
+            progress: bool = True, method: str = "hqq", prepack: bool = False) -> Path:
     """Quantize SRC into the store DST (see the module docstring); returns DST."""
     src, dst = Path(src), Path(dst)
-    c = Converter(src, dst, spec, dense or DenseSettings(), shard_bytes, device, progress, method)
+    c = Converter(src, dst, spec, dense or DenseSettings(), shard_bytes, device, progress, method, prepack=prepack)
     return run_converter(c, resume, fail_after)
 
 
