@@ -14,7 +14,9 @@ and --tokens greedy tokens, one warm-up and --repeats timed runs (median decode 
   ours 4-bit fused        the store, every expert cached, torch's fused int4/int8 kernels
   ours 4-bit dequant      the same store through the dequantize-then-multiply path (before the kernels)
   ours 16-bit             the checkpoint resident (fp32 where it fits, bf16 for mixtral-4l)
-  ours 4-bit / 16-bit K=4 offloaded, 4 slots per layer, from RAM (not for mixtral-4l)
+  ours 4-bit / 16-bit K=4 offloaded, 4 slots per layer, from RAM (mixtral-4l: 4-bit only, 4 tokens)
+  ... prepacked           the same quantization stored in the CPU kernel's layout (quantize_experts.py
+                          --prepack): resident experts read the mapped file in place, a miss is a copy
   llama.cpp Q4_0 / Q4_1
 
 Writes benchmarks/results/bench_fused-<model>.json (atomically) and prints a markdown table.
@@ -58,15 +60,16 @@ def checkpoint(name: str, workdir: Path) -> Path:
     return out
 
 
-def store(src: Path, workdir: Path, method: str) -> Path:
+def store(src: Path, workdir: Path, method: str, prepack: bool = False) -> Path:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from generate_runners import source_stamp
 
-    dst = workdir / f"{src.name}-{source_stamp(src)}-q4-{method}"
+    dst = workdir / f"{src.name}-{source_stamp(src)}-q4-{method}{'-prepack' if prepack else ''}"
     if not (dst / "manifest.json").is_file():
         t0 = time.perf_counter()
         _run([sys.executable, str(ROOT / "tools" / "quantize_experts.py"), str(src), str(dst), "--bits", "4",
-              "--method", method, "--device", "cpu", *(["--resume"] if dst.exists() else [])])
+              "--method", method, "--device", "cpu", *(["--prepack"] if prepack else []),
+              *(["--resume"] if dst.exists() else [])])
         print(f"quantized {src.name} ({method}) in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return dst
 
@@ -102,14 +105,16 @@ def ggufs(src: Path, workdir: Path) -> dict[str, Path]:
     return out
 
 
-def configurations(src: Path, q4: Path, gg: dict[str, Path], big: bool, dtype16: str) -> list[dict]:
+def configurations(src: Path, q4: Path, pre: Path, gg: dict[str, Path], big: bool, dtype16: str) -> list[dict]:
     rows = [dict(label="ours 4-bit fused", path=str(q4), fused=True, dtype="float32"),
+            dict(label="ours 4-bit fused, prepacked", path=str(pre), fused=True, dtype="float32"),
             dict(label="ours 4-bit fused (bf16 model)", path=str(q4), fused=True, dtype="bfloat16"),
             dict(label="ours 4-bit dequant", path=str(q4), fused=False, dtype="float32", short=big),
             dict(label="ours 16-bit", path=str(src), dtype=dtype16)]
+    rows += [dict(label="ours 4-bit fused K=4", path=str(q4), fused=True, dtype="float32", slots=4, short=big),
+             dict(label="ours 4-bit fused K=4, prepacked", path=str(pre), fused=True, dtype="float32", slots=4)]
     if not big:
-        rows += [dict(label="ours 4-bit fused K=4", path=str(q4), fused=True, dtype="float32", slots=4),
-                 dict(label="ours 16-bit K=4", path=str(src), dtype=dtype16, slots=4)]
+        rows += [dict(label="ours 16-bit K=4", path=str(src), dtype=dtype16, slots=4)]
     rows += [dict(label=f"llama.cpp {q}", gguf=str(p)) for q, p in gg.items()]
     return rows
 
@@ -169,8 +174,8 @@ def run_child(job: dict) -> dict:
 def markdown(result: dict) -> str:
     threads = result["threads"]
     head = "| configuration | " + " | ".join(f"tok/s ({t} thr)" for t in threads)
-    head += " | vs ours 16-bit | vs llama.cpp Q4_0 | peak RSS MiB | kernels |"
-    out = [head, "|" + "---|" * (len(threads) + 5)]
+    head += " | vs ours 16-bit | vs llama.cpp Q4_0 | load s | peak RSS MiB | kernels |"
+    out = [head, "|" + "---|" * (len(threads) + 6)]
     by = {(r["label"], r["threads"]): r for r in result["rows"]}
     labels = list(dict.fromkeys(r["label"] for r in result["rows"]))
     for label in labels:
@@ -187,7 +192,7 @@ def markdown(result: dict) -> str:
         last = next((by[(label, t)] for t in threads if "error" not in by[(label, t)]), {})
         kern = ", ".join(f"{k}: {v}" for k, v in last.get("kernels", {}).items())
         out.append(f"| {label} | " + " | ".join(cells) + f" | {' / '.join(ratios16)} | {' / '.join(ratiosq)} "
-                   f"| {last.get('peak_rss_mib', 0):.0f} | {kern} |")
+                   f"| {last.get('load_s', 0):.1f} | {last.get('peak_rss_mib', 0):.0f} | {kern} |")
     return "\n".join(out)
 
 
@@ -211,10 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     a.workdir.mkdir(parents=True, exist_ok=True)
     src = checkpoint(a.model, a.workdir)
     big = a.model == "mixtral-4l"
-    q4 = store(src, a.workdir, a.method or ("rtn" if big else "hqq"))
+    method = a.method or ("rtn" if big else "hqq")
+    # which stores the chosen configurations need (labels only: no store is made for this call)
+    wanted = [c for c in configurations(src, src, src, {}, big, "") if not a.only or c["label"] in a.only]
+    q4 = store(src, a.workdir, method)
+    pre = store(src, a.workdir, method, prepack=True) if any("prepacked" in c["label"] for c in wanted) else q4
     gg = {} if a.quick else ggufs(src, a.workdir)
     rows = []
-    for cfg in configurations(src, q4, gg, big, "bfloat16" if big else "float32"):
+    for cfg in configurations(src, q4, pre, gg, big, "bfloat16" if big else "float32"):
         if a.only and cfg["label"] not in a.only:
             continue
         for t in a.threads:
