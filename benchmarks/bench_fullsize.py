@@ -141,14 +141,15 @@ def store_facts(path: str) -> dict:
     return {"bits": man["experts"]["spec"]["bits"], "group": man["experts"]["spec"]["group_size"],
             "expert_store_gib": sum(f.stat().st_size for f in files) / GIB,
             "dense_gib": (Path(path) / "dense.safetensors").stat().st_size / GIB,
-            "expert_mib_packed": man["experts"]["nbytes"] / MIB}
+            "expert_mib_packed": man["experts"]["nbytes"] / MIB, "packing": man["experts"].get("packing", "hqq")}
 
 
 def markdown(rows: list[dict]) -> str:
     out = ["| store | K | thr | tok/s | warm-up s | peak RSS GiB | cached GiB (end) | maj faults/tok | "
            "disk MiB/tok | slot fills MiB/tok | hit rate |", "|" + "---|" * 11]
     for r in rows:
-        name = f"{r['bits']}-bit g{r['group']} ({r['expert_store_gib']:.1f} GiB)"
+        prepacked = ", prepacked" if r.get("packing", "hqq") != "hqq" else ""
+        name = f"{r['bits']}-bit g{r['group']}{prepacked} ({r['expert_store_gib']:.1f} GiB)"
         if "error" in r and "tok_s" not in r:
             out.append(f"| {name} | {r['k']} | {r['threads']} | {r['error']} |" + " |" * 7)
             continue
