@@ -185,6 +185,10 @@ def _misses(choice, threads, offloading: bool, cfg, ckpt, host, codec, device, d
     if threads is not None and device.type == "cuda":
         torch.set_num_threads(threads)
     side = _host_side(ckpt, host, codec, device, dtype)
+    if not side.in_place and hasattr(ckpt, "expert_store"):
+        print(f"miss policy {mode}: each expert run on the host is first converted into the CPU kernel's layout "
+              "(a full-size one: ~0.45 s on one core); a store made with quantize_experts.py --prepack is read "
+              "in place", file=sys.stderr)
     costs = calibrate(side, codec, expert_function(codec), cfg.hidden_size, dtype, device) if mode == "auto" else None
     policy = MissPolicy(mode, costs)
     print(policy.describe(), file=sys.stderr)

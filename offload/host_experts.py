@@ -29,13 +29,13 @@ class HostExperts:
         self.store, self.codec, self.expert_fn = store, codec, expert_fn
         self._buf = torch.empty(held.nbytes, dtype=torch.uint8)
         self._views = views(self._buf, held)
-        self._in_place = held == store.layout and not hasattr(codec, "fill")  # the kernel reads the store
+        self.in_place = held == store.layout and not hasattr(codec, "fill")  # the kernel reads the store
 
     def run(self, layer: int, expert: int, x_host: torch.Tensor) -> torch.Tensor:
         """expert(x_host) on the host; the store's pages for it are released once read."""
         pieces = self.store.pieces(layer, expert)
         p = pieces[0]
-        if self._in_place and len(pieces) == 1 and p.offset == 0 and p.src.numel() >= self._buf.numel():
+        if self.in_place and len(pieces) == 1 and p.offset == 0 and p.src.numel() >= self._buf.numel():
             y = self.expert_fn(x_host, *self.codec.decode(views(p.src[: self._buf.numel()], self.store.layout)))
         else:
             self._fill(pieces)

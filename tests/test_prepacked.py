@@ -70,7 +70,7 @@ def test_prepacked_equals_hqq_resident_offloaded_and_on_the_host(stores):
             for p, w in zip(PROMPTS, want, strict=True):
                 assert torch.equal(_logits(model, p), w), (store, miss)
             assert generate(model, PROMPTS, 8, window=64) == want_tokens
-            assert miss == "copy" or model.experts.engine.host._in_place  # host runs read the store in place
+            assert miss == "copy" or model.experts.engine.host.in_place  # host runs read the store in place
             s = model.experts.stats()
             loads = s["expert_copies"] + s["prefetch_issued"]
             assert s["bytes_host_to_device"] == loads * open_store(pre).expert_bytes
@@ -118,3 +118,10 @@ def test_cuda_converts_the_stored_layout_to_the_same_products(stores):
         return model(torch.tensor([PROMPTS[0]], device="cuda"))[0].float().cpu()
     for k in (2, 4):
         assert torch.equal(run(pre, k), run(hqq, k)), k
+
+
+def test_host_misses_from_an_hqq_store_say_they_convert(stores, capsys):
+    hqq, pre = stores
+    for path, converts in ((hqq, True), (pre, False)):
+        load_model(path, experts=offloading.make_factory(slots=2, store="mmap", miss_policy="cpu"))
+        assert ("quantize_experts.py --prepack" in capsys.readouterr().err) == converts, path
