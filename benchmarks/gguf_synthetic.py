@@ -7,7 +7,7 @@ holds), so this writes the quantized blocks themselves, in the tensor types `lla
 gives an 8-expert model: Q4_0 for the experts, token_embd, attn_q and attn_output; Q8_0 for attn_k and
 attn_v (llama.cpp bumps those for n_expert == 8); Q6_K for `output` (Q8_0 when a row is not a multiple
 of 256, as llama.cpp does); f32 for the norms (ones) and the routers (N(0, 0.02)). Block contents are
-uniform random codes with per-block fp16 scales chosen so the weights have std ~0.02, like
+uniform random codes with per-block fp16 scales of random sign, so the weights have mean 0 and std ~0.02, like
 make_synthetic_checkpoint's N(0, 0.02); each tensor has its own generator seeded by (seed, index).
 Names, metadata and vocabulary (the real Mixtral tokenizer from mistral_common) are gguf_export's.
 
@@ -53,8 +53,15 @@ def tensor_type(name: str, shape: tuple[int, ...]) -> str:
 
 
 def scales(rng: np.random.Generator, n: int, std: float) -> np.ndarray:
-    """n fp16 block scales around INIT_STD / std (+-25%), as [n, 2] bytes."""
-    return (rng.uniform(0.75, 1.25, n) * (INIT_STD / std)).astype(np.float16).view(np.uint8).reshape(n, 2)
+    """n fp16 block scales of magnitude INIT_STD / std (+-25%) and random sign, as [n, 2] bytes.
+
+    The sign matters: uniform codes have mean -0.5 (q - 8 over 0..15), so with positive scales every weight
+    would share a bias of -0.5 d, the residual stream would grow along one direction, and greedy decoding
+    would repeat one token (same experts every step: an all-cached run). llama.cpp's own d = max / -8 takes
+    either sign too.
+    """
+    d = rng.uniform(0.75, 1.25, n) * np.where(rng.random(n) < 0.5, -1.0, 1.0) * (INIT_STD / std)
+    return d.astype(np.float16).view(np.uint8).reshape(n, 2)
 
 
 def random_bytes(rng: np.random.Generator, n: int, width: int) -> np.ndarray:
