@@ -11,7 +11,7 @@ bench_fullsize.py; llama.cpp's own eval timings (llama_perf_context) are recorde
 Weight repacking is off (`use_extra_bufts = False`): by default llama.cpp's CPU backend copies every
 Q4_0 matrix into an interleaved anonymous buffer at load (q4_0_8x8 here), which for Mixtral-8x7B is
 ~25 GiB of RAM this machine does not have; off, the matrices are read in place from the mapped file.
-Writes benchmarks/results/bench_fullsize_llamacpp.json (merged by (gguf, threads, repeat)).
+Writes benchmarks/results/bench_fullsize_llamacpp.json (merged by (gguf, threads, repeat, label)).
 """
 
 from __future__ import annotations
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=8)
     p.add_argument("--repeats", type=int, default=1, help="runs per thread count (each its own cold process)")
     p.add_argument("--prompt-len", type=int, default=4)
+    p.add_argument("--label", default="", help="a name for the conditions (rows are keyed by it too)")
     p.add_argument("--repack", action="store_true", help="keep llama.cpp's weight repacking (needs the model in RAM)")
     p.add_argument("--drop-caches", action="store_true")
     p.add_argument("--timeout", type=float, default=1800)
@@ -128,10 +129,11 @@ def main(argv: list[str] | None = None) -> int:
           "disk MiB/tok | load s | prefill s |\n" + "|---" * 9 + "|", file=sys.stderr)
     for rep, t in [(rep, t) for rep in range(a.repeats) for t in a.threads]:  # thread counts take turns
         job = {"gguf": str(Path(a.gguf).resolve()), "threads": t, "tokens": a.tokens, "prompt_len": a.prompt_len,
-               "repack": a.repack, "repeat": rep}
+               "repack": a.repack, "repeat": rep, "label": a.label}
         r = {**job, "gguf_gib": Path(a.gguf).stat().st_size / GIB, "drop_caches": a.drop_caches,
              **run_child(job, a.timeout, a.drop_caches)}
-        rows = [x for x in rows if (x["gguf"], x["threads"], x.get("repeat", 0)) != (job["gguf"], t, rep)] + [r]
+        key = (job["gguf"], t, rep, a.label)
+        rows = [x for x in rows if (x["gguf"], x["threads"], x.get("repeat", 0), x.get("label", "")) != key] + [r]
         print(row(r), file=sys.stderr, flush=True)
         write_json_atomic(a.out, {"machine": f"{os.cpu_count()} cpus, {meminfo('MemTotal') / GIB:.1f} GiB",
                                   "rows": rows})
