@@ -132,11 +132,10 @@ def vocab(tokenizer_path: Path, vocab_size: int) -> tuple[list[bytes], list[floa
     return tokens, scores, types
 
 
-def write_metadata(writer, cfg: ModelConfig, model_dir: Path, dtype: str) -> None:
-    from gguf import LlamaFileType
-
-    writer.add_name(model_dir.name)
-    writer.add_file_type(LlamaFileType.ALL_F32 if dtype == "f32" else LlamaFileType.MOSTLY_F16)
+def write_metadata(writer, cfg: ModelConfig, name: str, tokenizer_path: Path, file_type: int) -> None:
+    """Model hyperparameters and vocabulary (file_type: a gguf.LlamaFileType)."""
+    writer.add_name(name)
+    writer.add_file_type(file_type)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -153,7 +152,7 @@ def write_metadata(writer, cfg: ModelConfig, model_dir: Path, dtype: str) -> Non
     if cfg.is_moe:
         writer.add_expert_count(cfg.num_experts)
         writer.add_expert_used_count(cfg.experts_per_tok)
-    tokens, scores, types = vocab(model_dir / "tokenizer.model", cfg.vocab_size)
+    tokens, scores, types = vocab(tokenizer_path, cfg.vocab_size)
     writer.add_tokenizer_model("llama")  # SentencePiece
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
@@ -169,7 +168,7 @@ def write_metadata(writer, cfg: ModelConfig, model_dir: Path, dtype: str) -> Non
 
 def export(model_dir: str | Path, out: str | Path, dtype: str = "f32") -> Path:
     """Write the GGUF file; returns its path."""
-    from gguf import GGUFWriter
+    from gguf import GGUFWriter, LlamaFileType
 
     if dtype not in ("f32", "f16"):
         raise ValueError(f"--dtype must be f32 or f16, got {dtype!r}")
@@ -180,7 +179,8 @@ def export(model_dir: str | Path, out: str | Path, dtype: str = "f32") -> Path:
     tmp = out.with_name(out.name + ".tmp")
     writer = GGUFWriter(tmp, "llama")
     try:
-        write_metadata(writer, cfg, model_dir, dtype)
+        file_type = LlamaFileType.ALL_F32 if dtype == "f32" else LlamaFileType.MOSTLY_F16
+        write_metadata(writer, cfg, model_dir.name, model_dir / "tokenizer.model", file_type)
         for e in entries:  # the header lists every tensor before any data is written
             np_dtype = storage_dtype(e.name, e.shape, dtype)
             writer.add_tensor_info(e.name, e.shape, np_dtype, int(np.prod(e.shape)) * np_dtype.itemsize)
