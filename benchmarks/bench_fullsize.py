@@ -160,6 +160,10 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def row_key(r: dict) -> tuple:
+    return r["store"], r["k"], r["threads"], r.get("repeat", 0), r.get("label", "")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("stores", nargs="*")
@@ -168,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=12)
     p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--prefetch", choices=("off", "next"), default="next")
+    p.add_argument("--repeats", type=int, default=1, help="runs per (store, K, threads), each its own cold process")
+    p.add_argument("--label", default="", help="a name for the conditions (rows are keyed by it too)")
     p.add_argument("--drop-caches", action="store_true")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--out", type=Path, default=OUT, help="JSON results (merged with what it holds)")
@@ -184,16 +190,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = old["rows"]
     for store in a.stores:
         facts = store_facts(store)
-        for k in a.experts_per_layer:
-            for t in a.threads:
-                job = {"store": store, "k": k, "threads": t, "tokens": a.tokens, "prompt_len": a.prompt_len,
-                       "prefetch": a.prefetch, "partial": str(a.out.with_suffix(".partial.json"))}
-                r = {**job, **facts, **run_child(job, a.timeout, a.drop_caches), "drop_caches": a.drop_caches}
-                rows = [x for x in rows if (x["store"], x["k"], x["threads"]) != (store, k, t)] + [r]
-                print(markdown([r]).splitlines()[-1], file=sys.stderr, flush=True)
-                write_json_atomic(a.out, {"machine": f"{platform.machine()} {os.cpu_count()} cpus, "
-                                                   f"{meminfo('MemTotal') / GIB:.1f} GiB, torch {torch.__version__}",
-                                        "rows": rows})
+        runs = [(rep, k, t) for rep in range(a.repeats) for k in a.experts_per_layer for t in a.threads]
+        for rep, k, t in runs:  # a repeat comes after every setting has run once
+            job = {"store": store, "k": k, "threads": t, "tokens": a.tokens, "prompt_len": a.prompt_len,
+                   "prefetch": a.prefetch, "partial": str(a.out.with_suffix(".partial.json"))}
+            r = {**job, **facts, **run_child(job, a.timeout, a.drop_caches), "drop_caches": a.drop_caches,
+                 "repeat": rep, "label": a.label}
+            key = (store, k, t, rep, a.label)
+            rows = [x for x in rows if row_key(x) != key] + [r]
+            print(markdown([r]).splitlines()[-1], file=sys.stderr, flush=True)
+            write_json_atomic(a.out, {"machine": f"{platform.machine()} {os.cpu_count()} cpus, "
+                                               f"{meminfo('MemTotal') / GIB:.1f} GiB, torch {torch.__version__}",
+                                    "rows": rows})
     print(markdown(rows))
     return 0
 
