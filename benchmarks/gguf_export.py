@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,7 +170,7 @@ def write_metadata(writer, cfg: ModelConfig, name: str, tokenizer_path: Path, fi
 
 def export(model_dir: str | Path, out: str | Path, dtype: str = "f32") -> Path:
     """Write the GGUF file; returns its path."""
-    from gguf import GGUFWriter, LlamaFileType
+    from gguf import LlamaFileType
 
     if dtype not in ("f32", "f16"):
         raise ValueError(f"--dtype must be f32 or f16, got {dtype!r}")
@@ -176,26 +178,40 @@ def export(model_dir: str | Path, out: str | Path, dtype: str = "f32") -> Path:
     ckpt = Checkpoint(model_dir)
     cfg = ckpt.config
     entries = plan(cfg)
-    tmp = out.with_name(out.name + ".tmp")
-    writer = GGUFWriter(tmp, "llama")
-    try:
+    with gguf_writer(out) as writer:
         file_type = LlamaFileType.ALL_F32 if dtype == "f32" else LlamaFileType.MOSTLY_F16
         write_metadata(writer, cfg, model_dir.name, model_dir / "tokenizer.model", file_type)
         for e in entries:  # the header lists every tensor before any data is written
             np_dtype = storage_dtype(e.name, e.shape, dtype)
             writer.add_tensor_info(e.name, e.shape, np_dtype, int(np.prod(e.shape)) * np_dtype.itemsize)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for e in entries:
-            writer.write_tensor_data(read(ckpt, e, storage_dtype(e.name, e.shape, dtype)))
+        write_tensors(writer, (read(ckpt, e, storage_dtype(e.name, e.shape, dtype)) for e in entries))
+    return out
+
+
+@contextmanager
+def gguf_writer(out: Path) -> Iterator:
+    """A GGUFWriter on OUT.tmp, renamed to OUT when the block completes and removed if it fails."""
+    from gguf import GGUFWriter
+
+    tmp = out.with_name(out.name + ".tmp")
+    writer = GGUFWriter(tmp, "llama")
+    try:
+        yield writer
         writer.close()
         os.replace(tmp, out)
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
-    return out
+
+
+def write_tensors(writer, tensors: Iterable[np.ndarray]) -> None:
+    """Header, metadata and tensor table (the infos added before), then each tensor's data in order."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in tensors:
+        writer.write_tensor_data(t)
 
 
 def main(argv: list[str] | None = None) -> None:

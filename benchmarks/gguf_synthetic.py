@@ -20,7 +20,6 @@ full size); the file is written to OUT.tmp, then renamed. Needs the `gguf` packa
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # scripts folders, not packages
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gguf_export import Entry, plan, write_metadata  # noqa: E402
+from gguf_export import Entry, gguf_writer, plan, write_metadata, write_tensors  # noqa: E402
 from make_synthetic_checkpoint import INIT_STD, PRESETS, hf_config  # noqa: E402
 
 from mixtral_lite.config import ModelConfig  # noqa: E402
@@ -107,14 +106,12 @@ def config(preset: str | dict) -> ModelConfig:
 
 def write(out: str | Path, preset: str | dict = "mixtral-8x7b", seed: int = 0) -> Path:
     """Write the GGUF file; returns its path."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
     cfg, out = config(preset), Path(out)
     entries = plan(cfg)
     tokenizer = Path(str(files("mistral_common") / "data" / "tokenizer.model.v1"))
-    tmp = out.with_name(out.name + ".tmp")
-    writer = GGUFWriter(tmp, "llama")
-    try:
+    with gguf_writer(out) as writer:
         name = preset if isinstance(preset, str) else "custom"
         write_metadata(writer, cfg, f"synthetic-{name}-seed{seed}", tokenizer, LlamaFileType.MOSTLY_Q4_0)
         for e in entries:  # the header lists every tensor before any data is written
@@ -126,17 +123,7 @@ def write(out: str | Path, preset: str | dict = "mixtral-8x7b", seed: int = 0) -
             block, size = GGML_QUANT_SIZES[raw]
             byte_shape = (*e.shape[:-1], e.shape[-1] // block * size)  # the writer turns it back into weights
             writer.add_tensor_info(e.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for i, e in enumerate(entries):
-            writer.write_tensor_data(make_tensor(e, i, seed))
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+        write_tensors(writer, (make_tensor(e, i, seed) for i, e in enumerate(entries)))
     return out
 
 
