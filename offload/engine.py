@@ -31,6 +31,7 @@ import torch
 
 from offload.cache import ExpertCache
 from offload.codec import ExpertCodec
+from offload.host_crossing import HostCrossing
 from offload.host_experts import HostExperts
 from offload.miss_policy import MissPolicy
 from offload.packing import Layout, views
@@ -111,8 +112,8 @@ class OffloadEngine:
             host_thread = torch.device(device).type == "cuda"
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="host-experts", initializer=torch.set_num_threads,
                                           initargs=(torch.get_num_threads(),)) if host and host_thread else None
-        self._pin = torch.device(device).type == "cuda"
-        self._staging: torch.Tensor | None = None  # pinned rows for the host experts (grown, never per step)
+        backend = getattr(self.transfer, "cuda", None)  # the CUDA seam (torch.cuda or a test's fake), if any
+        self._crossing = HostCrossing(backend, torch.device(device)) if host and backend is not None else None
         self._staged: torch.Tensor | None = None
         self._optional: set[int] = set()  # this step's misses copied for their later value
 
@@ -163,34 +164,26 @@ class OffloadEngine:
 
     def stage_rows(self, x: torch.Tensor) -> None:
         """Start copying the layer input to the host before the caller's host sync for the ids, so that
-        one sync covers both (only on CUDA, only when this step may run a miss on the host)."""
+        one sync covers both (only beside a GPU, only when this step may run a miss on the host)."""
         self._staged = None
-        if self.host is None or x.device.type != "cuda" or not self.miss_policy.host_possible(x.shape[0]):
-            return
-        if self._staging is None or self._staging.shape[0] < x.shape[0] or self._staging.dtype != x.dtype:
-            self._staging = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-        self._staged = self._staging[: x.shape[0]]
-        self._staged.copy_(x, non_blocking=True)
+        if self._crossing is not None and self.miss_policy.host_possible(x.shape[0]):
+            self._staged = self._crossing.stage(x)
 
     def _on_host(self, layer: int, experts: list[int], x_host: torch.Tensor, groups: dict, rows: int):
-        """The misses computed on the host from the host store: (their results, their rows, seconds)."""
+        """The misses computed on the host from the host store: (their results, seconds)."""
         t0 = time.perf_counter()
         ys = [self.host.run(layer, e, x_host if rows == 1 else x_host[torch.tensor(groups[e][0])]) for e in experts]
-        sizes = [y.shape[0] for y in ys]
-        if self._pin:  # one pinned block, so that the results cross back in one copy
-            ys = torch.cat(ys).pin_memory()
-        return ys, sizes, time.perf_counter() - t0
+        return ys, time.perf_counter() - t0
 
-    def _host_results(self, experts: list[int], pending, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        """expert -> its host result on x's device (on CUDA one async copy from pinned memory: the host never
-        waits behind the device's queued work, and the caching host allocator keeps the block alive)."""
-        ys, sizes, seconds = pending.result() if self._worker is not None else pending
+    def _host_results(self, experts: list[int], pending) -> dict[int, torch.Tensor]:
+        """expert -> its host result on the device (beside a GPU: one block, one async copy)."""
+        ys, seconds = pending.result() if self._worker is not None else pending
         c = self.counters
         c.cpu_runs += len(experts)
         c.cpu_s += seconds
         c.copies_avoided_bytes += len(experts) * self.store.layout.nbytes
-        if self._pin:
-            ys = ys.to(x.device, non_blocking=True).split(sizes)
+        if self._crossing is not None:
+            ys = self._crossing.send(ys)
         return dict(zip(experts, ys, strict=True))
 
     def _split(self, hits: list[int], misses: list[int], rows: int) -> tuple[list[int], list[int]]:
@@ -226,7 +219,10 @@ class OffloadEngine:
         index = index_tensors(groups, x.device) if x.shape[0] > 1 else None
         host_work = None
         if on_host:  # on the host while the device computes (on the CPU device: in turn, same cores)
-            rows = staged if staged is not None else x.to("cpu")  # on the CPU device: x itself
+            if self._crossing is None:  # the CPU device: x itself
+                rows = x
+            else:  # not staged by the caller: staged now, waited for at once (a host sync of its own)
+                rows = self._crossing.rows(staged if staged is not None else self._crossing.stage(x))
             args = (layer, on_host, rows, groups, x.shape[0])
             host_work = self._worker.submit(self._on_host, *args) if self._worker else self._on_host(*args)
         outputs = {}
@@ -243,7 +239,7 @@ class OffloadEngine:
             self._issue(layer, pending, pinned)
             guess = self._prefetch_when_idle(layer + 1, guess, pending)
         if host_work is not None:
-            outputs |= self._host_results(on_host, host_work, x)
+            outputs |= self._host_results(on_host, host_work)
         self.cache.tick(layer)
         return _accumulate(x, groups, index, outputs, weights)
 

@@ -6,6 +6,7 @@
     backend.pin(nbytes)                                 page-locked host bytes (uint8)
     backend.device_empty(nbytes, device)                device bytes (uint8)
     backend.record_stream(tensor, stream)               tensor's memory is used by work on `stream`
+    backend.copy(dst, src)                              dst.copy_(src) queued on the current stream (async)
     backend.submit(fn)                                  run fn on the copy thread (FIFO) -> job.result()
 
 `TorchCuda` is torch.cuda itself. tests/fake_cuda.py provides one that runs everything on the
@@ -49,6 +50,9 @@ class TorchCuda:
 
     def record_stream(self, tensor: torch.Tensor, stream) -> None:
         tensor.record_stream(stream)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src, non_blocking=True)
 
     def submit(self, fn):
         """fn on the one copy thread (started on first use); torch's copies release the GIL."""

@@ -13,9 +13,10 @@ The copy thread is a second host actor; its jobs run as late as they can (when a
 for), so a missing join shows up as a stale slot.
 
 Every aten op is seen through a TorchDispatchMode and attributed to the current stream when it
-touches a device buffer, to the host otherwise. Tracked buffers are the ones CudaTransfer gets
-from the backend: pinned staging (`pin`, host), device staging (`device_empty`) and the slot
-pool (`record_stream`, one granule per row of its last dimension, i.e. per slot). At each access:
+touches a device buffer or runs inside `copy` (the backend's async copy), to the host otherwise.
+Tracked buffers are the ones CudaTransfer and HostCrossing get from the backend: pinned staging
+(`pin`, host), device staging (`device_empty`) and the slot pool (`record_stream`, one granule per
+row of its last dimension, i.e. per slot). At each access:
   - a granule is read only after its last write (a slot is read only after its last copy);
   - a granule is written only after its last write and every read since (a slot is overwritten only
     after its last reader; writes on two streams are ordered; a staging buffer is refilled only
@@ -128,6 +129,7 @@ class FakeCuda:
         self.regions: dict[int, Region] = {}  # storage data_ptr -> region
         self.late: list[str] = []  # violations found when a buffer was freed
         self.accesses = 0  # checked accesses (a test can assert the checker saw something)
+        self._queued = False  # inside copy(): the op runs on the current stream
 
     # -- the backend -----------------------------------------------------------------------
     @property
@@ -186,6 +188,15 @@ class FakeCuda:
         t = torch.empty(nbytes, dtype=torch.uint8)
         self._track(t, f"device-staging{len(self.regions)}", device=True, granule=nbytes)
         return t
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """A copy queued on the current stream, even when no tracked buffer on its either side is a device one
+        (a device -> pinned host copy of activations: the activations are not tracked)."""
+        self._queued = True
+        try:
+            dst.copy_(src)
+        finally:
+            self._queued = False
 
     def record_stream(self, tensor: torch.Tensor, stream: FakeStream) -> None:
         region = self.regions.get(tensor.untyped_storage().data_ptr())
@@ -286,7 +297,7 @@ class _Mode(TorchDispatchMode):
             if span is not None:
                 touched.append((region, span, write))
         if touched:
-            on_device = any(r.device for r, _, _ in touched)
+            on_device = fake._queued or any(r.device for r, _, _ in touched)
             what = func.__name__
             if on_device:
                 actor, tick = fake.current.enqueue()

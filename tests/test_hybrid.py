@@ -60,17 +60,6 @@ def test_host_experts_on_a_worker_thread_are_bitwise_equal(ckpt, name):
     engine.close()
 
 
-def test_host_results_cross_back_as_one_block(ckpt, monkeypatch):
-    """The CUDA return path (one pinned block, split per expert) on the CPU: pinning is the identity here."""
-    tensors, files = ckpt
-    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: t)
-    engine = engine_with(files, policies()["cpu"], slots=2, store="ram", prefetch=False, host_thread=True)
-    engine._pin = True
-    drive(engine, tensors, steps(3, 2, 5, 3), guess=False)  # prefill chunks: experts with different row counts
-    assert engine.stats()["cpu_expert_runs"] > 0
-    engine.close()
-
-
 def test_copies_by_choice_are_admitted_and_valued(ckpt):
     tensors, files = ckpt
     policy = policies()["auto-by-choice"]
