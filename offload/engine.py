@@ -13,8 +13,8 @@ One step of layer l, given ids already on the host (the caller's single sync):
      layer l+1's slots (never layer l's), so speculation never delays a needed copy;
   4. hand the misses the miss policy sends to the host to the host (offload/host_experts.py: computed
      from the host store, never admitted to the cache; on CUDA on a worker thread, from rows that
-     crossed with the ids in the layer's one sync, see `stage_rows`), queue the resident experts on
-     the device, then the copied misses as they arrive, then collect the host results; each computed
+     crossed with the ids in the layer's one sync: `stage_rows`, offload/host_crossing.py), queue the
+     resident experts on the device, then the copied misses as they arrive, then collect the host results; each computed
      expert is unpinned, freeing its slot for misses still pending (prefill with > K experts);
   5. sum the outputs in the same order as `run_grouped` (so fp results are bitwise equal
      to all-resident experts, whatever order the experts were computed in).
