@@ -33,21 +33,11 @@ OUT = ROOT / "benchmarks" / "results" / "bench_fullsize_llamacpp.json"
 
 def load(job: dict):
     import llama_cpp
-    import llama_cpp.llama as high
+    from bench_llamacpp import model_defaults
 
-    defaults = high.llama_cpp.llama_model_default_params
-
-    def params():  # Llama() takes no use_extra_bufts argument: set it in the defaults it starts from
-        p = defaults()
-        p.use_extra_bufts = job["repack"]
-        return p
-
-    high.llama_cpp.llama_model_default_params = params
-    try:
+    with model_defaults(use_extra_bufts=job["repack"]):
         return llama_cpp.Llama(model_path=job["gguf"], n_gpu_layers=0, use_mmap=True, n_ctx=512,
                                n_threads=job["threads"], n_threads_batch=job["threads"], verbose=False)
-    finally:
-        high.llama_cpp.llama_model_default_params = defaults
 
 
 def child(job: dict) -> dict:

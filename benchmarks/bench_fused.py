@@ -138,7 +138,7 @@ def child(job: dict) -> dict:
     t0 = time.perf_counter()
     notes, stats = {}, None
     if "gguf" in job:
-        run = llama_engine(Path(job["gguf"]), prompt, n, 512, "f16", job["threads"])
+        run = llama_engine(Path(job["gguf"]), prompt, n, 512, "f16", job["threads"], job.get("repack", True))
     else:
         factory = offloading.make_factory(slots=job["slots"], store="ram") if job.get("slots") else None
         model = load_model(job["path"], dtype=getattr(torch, job["dtype"]), experts=factory,
@@ -167,7 +167,10 @@ def child(job: dict) -> dict:
 def run_child(job: dict) -> dict:
     r = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True)
     if r.returncode != 0:
-        return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
+        error = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
+        if r.returncode < 0 and job.get("repack"):  # killed by a signal inside llama.cpp
+            error += " (llama.cpp died in native code: try --llama-no-repack)"
+        return {"error": error}
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -206,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "mixtral-lite-bench")
     p.add_argument("--only", nargs="+", metavar="LABEL", help="run only these configurations")
     p.add_argument("--quick", action="store_true", help="shipped model, 1 thread, 8 tokens, 1 repeat, no llama.cpp")
+    p.add_argument("--llama-no-repack", action="store_true",
+                   help="llama.cpp multiplies from the file's Q4 blocks instead of its repacked copy (its repacked "
+                        "path crashed on a CPU reporting AMX); recorded in each llama.cpp row")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
@@ -226,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     for cfg in configurations(src, q4, pre, gg, big, "bfloat16" if big else "float32"):
         if a.only and cfg["label"] not in a.only:
             continue
+        if "gguf" in cfg:
+            cfg = cfg | {"repack": not a.llama_no_repack}
         for t in a.threads:
             r = run_child(cfg | {"threads": t, "tokens": a.tokens, "repeats": a.repeats})
             rows.append({**cfg, "threads": t, **r})

@@ -35,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -120,16 +121,40 @@ def transformers_engine(path: Path, prompt: list[int], n: int, clone: bool):
     return run
 
 
-def open_llama(gguf: Path, n_ctx: int, kv: str, threads: int = 2, logits_all: bool = False):
+@contextmanager
+def model_defaults(**fields):
+    """Model parameters Llama() takes no argument for (use_extra_bufts: the CPU backend's weight
+    repacking), set in the defaults it starts from while the block runs."""
+    import llama_cpp.llama as high
+
+    defaults = high.llama_cpp.llama_model_default_params
+
+    def params():
+        p = defaults()
+        for k, v in fields.items():
+            setattr(p, k, v)
+        return p
+
+    high.llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        high.llama_cpp.llama_model_default_params = defaults
+
+
+def open_llama(gguf: Path, n_ctx: int, kv: str, threads: int = 2, logits_all: bool = False, repack: bool = True):
+    """repack=False: multiply from the file's own blocks (llama.cpp's default interleaves Q4_0 matrices into
+    a copy at load; its build on a 2026-12-02 machine whose CPU reports AMX crashed there on every Q4_0 file)."""
     from llama_cpp import Llama
 
     kv_types = {} if kv == "f16" else dict(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
-    return Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                 logits_all=logits_all, verbose=False, **kv_types)
+    with model_defaults(use_extra_bufts=repack):
+        return Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                     logits_all=logits_all, verbose=False, **kv_types)
 
 
-def llama_engine(gguf: Path, prompt: list[int], n: int, n_ctx: int, kv: str, threads: int):
-    llm = open_llama(gguf, n_ctx, kv, threads)
+def llama_engine(gguf: Path, prompt: list[int], n: int, n_ctx: int, kv: str, threads: int, repack: bool = True):
+    llm = open_llama(gguf, n_ctx, kv, threads, repack=repack)
 
     def run() -> tuple[float, list[int]]:
         llm.reset()  # empty KV cache: no reuse of the previous run's prompt
