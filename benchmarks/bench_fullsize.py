@@ -114,25 +114,39 @@ def summary(model, stamps: list[dict], ids: list[int]) -> dict:
         "load_average": os.getloadavg()}
 
 
-def run_child(job: dict, timeout: float, drop: bool) -> dict:
-    if drop:
-        try:
-            os.sync()
-            Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        except OSError as e:
-            print(f"--drop-caches: {e} (runs start with whatever the page cache holds)", file=sys.stderr)
-    partial = Path(job["partial"])
-    partial.unlink(missing_ok=True)
+def drop_page_cache() -> None:
+    """--drop-caches: write dirty pages back, then empty the page cache (needs root; else a warning)."""
     try:
-        r = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as e:
+        print(f"--drop-caches: {e} (runs start with whatever the page cache holds)", file=sys.stderr)
+
+
+def child_result(script: str, job: dict, timeout: float) -> dict:
+    """`script --child JOB` in its own process: its last stdout line as JSON, or {"error": ...}
+    ({"timed_out": True} too when it ran past `timeout` seconds)."""
+    try:
+        r = subprocess.run([sys.executable, script, "--child", json.dumps(job)], capture_output=True, text=True,
                            timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
-        done = json.loads(partial.read_text()) if partial.is_file() else {}
-        return done | {"error": f"timeout after {timeout:.0f} s", "partial": bool(done)}
+        return {"error": f"timeout after {timeout:.0f} s", "timed_out": True}
     if r.returncode != 0:
         tail = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
         return {"error": f"exit {r.returncode} {tail}".strip()}  # -9: the OOM killer
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def run_child(job: dict, timeout: float, drop: bool) -> dict:
+    if drop:
+        drop_page_cache()
+    partial = Path(job["partial"])
+    partial.unlink(missing_ok=True)
+    r = child_result(__file__, job, timeout)
+    if r.pop("timed_out", False):  # what the child had measured before it was stopped
+        done = json.loads(partial.read_text()) if partial.is_file() else {}
+        return done | r | {"partial": bool(done)}
+    return r
 
 
 def store_facts(path: str) -> dict:

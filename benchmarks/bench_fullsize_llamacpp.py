@@ -21,12 +21,11 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_fullsize import GIB, MIB, ROOT, counters, meminfo, rss_split  # noqa: E402
+from bench_fullsize import GIB, MIB, ROOT, child_result, counters, drop_page_cache, meminfo, rss_split  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "bench_fullsize_llamacpp.json"
 
@@ -73,18 +72,11 @@ def child(job: dict) -> dict:
 
 def run_child(job: dict, timeout: float, drop: bool) -> dict:
     if drop:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        drop_page_cache()
     job = job | {"load_average_before": os.getloadavg()}
-    try:
-        r = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
-                           timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {timeout:.0f} s"}
-    if r.returncode != 0:
-        tail = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
-        return {"error": f"exit {r.returncode} {tail}".strip()}  # -9: the OOM killer
-    return json.loads(r.stdout.strip().splitlines()[-1]) | {"load_average_before": job["load_average_before"]}
+    r = child_result(__file__, job, timeout)
+    r.pop("timed_out", None)
+    return r if "error" in r else r | {"load_average_before": job["load_average_before"]}
 
 
 def row(r: dict) -> str:

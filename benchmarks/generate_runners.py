@@ -56,13 +56,13 @@ class NaiveStreamer:
     def __init__(self, host, codec, expert_fn, device, num_experts: int):
         import torch
 
-        from offload.engine import slot_layout
+        from offload.codec import slot_layout
         from offload.packing import views
         from offload.transfer import make_transfer
 
         self.host, self.codec, self.fn = host, codec, expert_fn
         self.transfer = make_transfer(device, num_experts, host.layout.nbytes)
-        layout = slot_layout(codec, host)  # what a slot holds (the engine's rule)
+        layout = slot_layout(codec)  # what a slot holds (the engine's rule)
         self.converting = layout != host.layout
         self.bufs = [torch.empty(layout.nbytes, dtype=torch.uint8, device=device) for _ in range(num_experts)]
         self.views = [views(b, layout) for b in self.bufs]

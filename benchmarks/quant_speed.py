@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from offload import hqq_fast
-from offload.quant import QuantSpec, quantize_matrix
+from offload.quant import QuantSpec, _grid, _rtn, quantize_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "quant_speed.json"
@@ -57,9 +57,8 @@ def rows_for(w: torch.Tensor, spec: QuantSpec, skip_hqq: bool) -> list[dict]:
                                                                               spec.bits == 4, i, c))
         rows.append({"method": "hqq-fast", "chunk": chunk, "iters": iters, "search_s": s,
                      "weight_error": weight_error(w, scale, zero, spec)})
-    lo, hi = torch.aminmax(w.reshape(-1, spec.group_size), dim=1, keepdim=True)
-    scale = (hi - lo) / (2**spec.bits - 1)
-    rows.append({"method": "rtn", "search_s": 0.0, "weight_error": weight_error(w, scale, -lo / scale, spec)})
+    scale, zero = _rtn(w, spec, *_grid(tuple(w.shape), spec))  # quantize_matrix's own rtn search
+    rows.append({"method": "rtn", "search_s": 0.0, "weight_error": weight_error(w, scale, zero, spec)})
     # the whole of quantize_matrix (search + 8-bit metadata + re-rounding + packing) for the shipped methods
     rtn_s, _ = timed(lambda: quantize_matrix(w, spec, "w", "cpu", "rtn"))  # rtn's search is ~free: the rest
     for r in rows:

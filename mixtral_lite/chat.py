@@ -8,11 +8,10 @@ Ctrl-C stops the current answer and keeps the chat; Ctrl-D at the prompt exits.
 from __future__ import annotations
 
 import argparse
-import secrets
 import signal
 import sys
 
-from .cli import POSITIVE, add_model_args, add_sampling_args
+from .cli import POSITIVE, add_model_args, add_sampling_args, resolve_seed
 from .loading import prepare
 from .sampling import check_args
 from .session import Generation, Params, Session
@@ -108,9 +107,7 @@ def repl(chat: Chat) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.seed == -1:  # generate's rule: a random seed, printed
-        args.seed = secrets.randbits(63)
-        print(f"seed: {args.seed} (-s {args.seed} repeats this chat)", file=sys.stderr)
+    resolve_seed(args, "chat")  # generate's rule: a random seed, printed
     try:
         check_args(args.temperature, args.top_k, args.top_p)
     except ValueError as e:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import secrets
 import signal
 import sys
 from contextlib import contextmanager
@@ -102,6 +103,13 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=NON_NEGATIVE, default=40, help="0 = off")
     p.add_argument("--top-p", type=float, default=0.95, help="1 = off")
     p.add_argument("-s", "--seed", type=SEED, default=-1, help="sampling seed (default -1: random, printed)")
+
+
+def resolve_seed(args, what: str) -> None:
+    """-s -1: draw a random seed and print it on stderr, so that the `what` can be repeated."""
+    if args.seed == -1:
+        args.seed = secrets.randbits(63)
+        print(f"seed: {args.seed} (-s {args.seed} repeats this {what})", file=sys.stderr)
 
 
 def fail(message: str, status: int = EXIT_ERROR) -> Exit:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import secrets
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from .cli import (
     front_door,
     guard_std_streams,
     read_text,
+    resolve_seed,
     silence_stdout,
 )
 
@@ -106,9 +106,7 @@ def _main(args) -> None:
     if args.dry_run:
         return _dry_run(args, cfg, model_dir, device, dtype)
     set_threads(args)
-    if args.seed == -1:
-        args.seed = secrets.randbits(63)
-        print(f"seed: {args.seed} (-s {args.seed} repeats this run)", file=sys.stderr)
+    resolve_seed(args, "run")
     from .tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(model_dir)  # before the model: a missing tokenizer costs no load

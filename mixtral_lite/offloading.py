@@ -19,8 +19,8 @@ import sys
 
 import torch
 
-from offload.codec import PlainCodec
-from offload.engine import OffloadEngine, slot_layout
+from offload.codec import PlainCodec, slot_layout
+from offload.engine import OffloadEngine
 from offload.fused import FusedCodec
 from offload.host_experts import HostExperts, calibrate
 from offload.hostsync import to_host
@@ -80,7 +80,7 @@ def _plan(args, cfg: ModelConfig, dtype, slot_bytes: int, scratch: int, device, 
 def scratch_bytes(codec, host, device: torch.device) -> int:
     """Device bytes the codec and the transfer use beside the slots: decode/convert scratch, device staging."""
     n = codec.scratch_bytes() if hasattr(codec, "scratch_bytes") else 0
-    if device.type == "cuda" and slot_layout(codec, host) != host.layout:
+    if device.type == "cuda" and slot_layout(codec) != host.layout:
         n += host.layout.nbytes  # load_converting's device staging buffer
     return n
 
@@ -115,7 +115,7 @@ def build(args, config: ModelConfig, device: torch.device, dtype: torch.dtype):
     k = args.experts_per_layer
     if (k is None or k == config.num_experts) and args.store is None and args.device_memory is None:
         if k is None and device.type == "cuda":  # a quantized store must not ask for all its experts
-                return make_factory(slots=None, prefetch=args.prefetch == "next", policy=args.cache_policy,
+            return make_factory(slots=None, prefetch=args.prefetch == "next", policy=args.cache_policy,
                                 budget_args=args, resident_checkpoints=True, **_miss_args(args))
         return None
     return make_factory(slots=k, store=args.store or "ram", prefetch=args.prefetch == "next",
@@ -154,7 +154,7 @@ def make_factory(*, slots: int | None, store: str = "ram", prefetch: bool = True
         host, codec = open_experts(cfg, ckpt, store, device, dtype)
         plan = None
         if slots is None and (gib is not None or device.type == "cuda"):
-            plan = _plan(budget_args, cfg, dtype, slot_layout(codec, host).nbytes,
+            plan = _plan(budget_args, cfg, dtype, slot_layout(codec).nbytes,
                          scratch_bytes(codec, host, device), device, gib, ckpt)
         k = plan.k if plan else slots or cfg.num_experts
         before = torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
@@ -187,8 +187,8 @@ def _misses(choice, threads, offloading: bool, cfg, ckpt, host, codec, device, d
     side = _host_side(ckpt, host, codec, device, dtype)
     if not side.in_place and hasattr(ckpt, "expert_store"):
         print(f"miss policy {mode}: each expert run on the host is first converted into the CPU kernel's layout "
-              "(a full-size one: ~0.45 s on one core); a store made with quantize_experts.py --prepack is read "
-              "in place", file=sys.stderr)
+              "(a full-size one: 0.24-0.45 s on one core, measured); a store made with quantize_experts.py "
+              "--prepack is read in place", file=sys.stderr)
     costs = calibrate(side, codec, expert_function(codec), cfg.hidden_size, dtype, device) if mode == "auto" else None
     policy = MissPolicy(mode, costs)
     print(policy.describe(), file=sys.stderr)

@@ -42,6 +42,13 @@ class ExpertCodec(Protocol):
     def decode(self, views: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]: ...
 
 
+def slot_layout(codec: ExpertCodec) -> Layout:
+    """What a slot holds: the stored bytes, or (plain experts on the CPU) the codec's compute-dtype
+    layout, or (quantized experts on a fused kernel) the kernel's layout, which `load_expert` fills
+    by converting."""
+    return getattr(codec, "slot_layout", codec.layout)
+
+
 class PlainCodec:
     """Unquantized experts: the packed buffer holds the matrices in their stored dtype.
 

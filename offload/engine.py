@@ -30,11 +30,11 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from offload.cache import ExpertCache
-from offload.codec import ExpertCodec
+from offload.codec import ExpertCodec, slot_layout
 from offload.host_crossing import HostCrossing
 from offload.host_experts import HostExperts
 from offload.miss_policy import MissPolicy
-from offload.packing import Layout, views
+from offload.packing import views
 from offload.prefetch import Prefetcher
 from offload.stats import OffloadStats
 from offload.store import ExpertStore
@@ -50,13 +50,6 @@ def group_by_expert(ids_host: list[list[int]]) -> dict[int, tuple[list[int], lis
             tok.append(t)
             choice.append(a)
     return groups
-
-
-def slot_layout(codec: ExpertCodec, store: ExpertStore) -> Layout:
-    """What a device slot holds: the stored bytes, or (plain experts on the CPU) the codec's
-    compute-dtype layout, or (quantized experts on a fused kernel) the kernel's layout, which
-    `load_expert` fills by converting."""
-    return getattr(codec, "slot_layout", store.layout)
 
 
 def load_expert(transfer, store: ExpertStore, codec: ExpertCodec, converting: bool, layer: int, expert: int,
@@ -89,7 +82,7 @@ class OffloadEngine:
             raise ValueError("the codec's layout differs from the store's packed layout")
         self.store, self.codec, self.expert_fn, self.prefetch = store, codec, expert_fn, prefetch
         self.layers, self.num_experts = store.num_layers, store.num_experts
-        held = slot_layout(codec, store)
+        held = slot_layout(codec)
         self._converting = held != store.layout
         if self._converting and torch.device(device).type != "cpu" and not hasattr(codec, "convert"):
             raise ValueError("this codec converts at load only on the CPU; on a GPU its slots hold the stored bytes")
@@ -226,12 +219,7 @@ class OffloadEngine:
             args = (layer, on_host, rows, groups, x.shape[0])
             host_work = self._worker.submit(self._on_host, *args) if self._worker else self._on_host(*args)
         outputs = {}
-        for e in hits:  # resident first, queued on the device while the misses are in flight
-            outputs[e] = self._compute(layer, e, x, None if index is None else index[e][0])
-            pinned.discard(e)
-            self._issue(layer, pending, pinned)
-            guess = self._prefetch_when_idle(layer + 1, guess, pending)
-        for e in misses:
+        for e in hits + misses:  # resident first, queued on the device while the misses are in flight
             if self.cache.slot_of(layer, e) is None:
                 self._issue(layer, pending, pinned)
             outputs[e] = self._compute(layer, e, x, None if index is None else index[e][0])

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from offload.codec import slot_layout
 from offload.miss_policy import Costs
 from offload.packing import views
 
@@ -25,7 +26,7 @@ class HostExperts:
     """One host scratch slot and the host codec's expert function."""
 
     def __init__(self, store, codec, expert_fn):
-        held = getattr(codec, "slot_layout", codec.layout)
+        held = slot_layout(codec)
         self.store, self.codec, self.expert_fn = store, codec, expert_fn
         self._buf = torch.empty(held.nbytes, dtype=torch.uint8)
         self._views = views(self._buf, held)
@@ -94,7 +95,7 @@ def calibrate(host: HostExperts, engine_codec, device_fn, dim: int, dtype: torch
         src[p.offset : p.offset + p.src.numel()].copy_(p.src)
     host.store.release(0, 0)
     dst.copy_(src)
-    held = getattr(engine_codec, "slot_layout", engine_codec.layout)
+    held = slot_layout(engine_codec)
     if held != engine_codec.layout:  # the device slot holds the kernel's layout: convert once
         slot = torch.empty(held.nbytes, dtype=torch.uint8, device=device)
         engine_codec.convert(views(dst, engine_codec.layout), views(slot, held))

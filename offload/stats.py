@@ -13,7 +13,7 @@ class OffloadStats:
     misses: int = 0  # needed experts not resident: copied on demand (copies) or run on the host (cpu_runs)
     copies: int = 0
     cpu_runs: int = 0
-    cpu_s: float = 0.0  # wall time of the host runs, from the rows' copy to the result back on the device
+    cpu_s: float = 0.0  # wall time of the host experts themselves (on their thread beside a GPU)
     copies_avoided_bytes: int = 0  # packed bytes the host runs did not copy
     loads: Counter = field(default_factory=Counter)  # (layer, expert) -> times copied to the device
 

@@ -207,3 +207,14 @@ def test_files_named_in_one_line(mixtral_ref, tmp_path, capsys):
     (tmp_path / "plain").write_text("x")
     assert "is a file, not a model folder" in one_line_error(capsys, generate_main,
                                                              ["-m", tmp_path / "plain", "-p", "x"])
+
+
+def test_quantize_offers_every_quantization_method(capsys):
+    """tools/quantize_experts.py spells its --method choices out (so --help needs no torch): they must be
+    offload.quant.METHODS."""
+    from offload.quant import METHODS
+
+    with pytest.raises(SystemExit) as e:
+        qe.main(["--help"])
+    assert e.value.code == 0
+    assert "{" + ",".join(METHODS) + "}" in capsys.readouterr().out

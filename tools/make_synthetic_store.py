@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import shutil
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -33,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ is a folder o
 from make_synthetic_checkpoint import DTYPES, PRESETS, hf_config, make_tensor, tensor_specs  # noqa: E402
 from quantize_experts import DEFAULT_GROUP  # noqa: E402
 from store_converter import Converter, QuantizeError, run_converter  # noqa: E402
-from store_writing import Progress  # noqa: E402
+from store_writing import Progress, atomic_copy  # noqa: E402
 
 from mixtral_lite.checkpoint import CheckpointError, expected_shapes
 from mixtral_lite.config import ModelConfig
@@ -118,9 +116,7 @@ class SyntheticConverter(Converter):
     def copy_side_files(self) -> None:
         (self.dst / "config.json").write_text(json.dumps(self.synthetic.raw_config, indent=2) + "\n")
         tokenizer = Path(str(files("mistral_common") / "data" / "tokenizer.model.v1"))  # the real Mixtral one
-        tmp = self.dst / "tokenizer.model.partial"
-        shutil.copyfile(tokenizer, tmp)
-        os.replace(tmp, self.dst / "tokenizer.model")
+        atomic_copy(tokenizer, self.dst / "tokenizer.model")
 
 
 def make_store(dst: str | Path, preset: str, spec: QuantSpec, dense: DenseSettings | None = None, seed: int = 0,

@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
-import shutil
 import struct
 import sys
 import zlib
@@ -18,7 +16,7 @@ from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ is a folder of scripts, not a package
 from quantize_checks import store_differences  # noqa: E402
-from store_writing import Journal, Progress, StreamWriter, atomic_write  # noqa: E402
+from store_writing import Journal, Progress, StreamWriter, atomic_copy, atomic_write  # noqa: E402
 
 from mixtral_lite.checkpoint import INDEX, SINGLE, Checkpoint, check_finite, expert_name, shard_map
 from mixtral_lite.qstore import (
@@ -307,9 +305,7 @@ class Converter:
                 print(f"warning: {self.src / name} not found, not copied: `generate -m {self.dst}` "
                       "needs it", file=sys.stderr)
                 continue
-            tmp = self.dst / (name + ".partial")
-            shutil.copyfile(self.src / name, tmp)
-            os.replace(tmp, self.dst / name)
+            atomic_copy(self.src / name, self.dst / name)
 
 
 def convert(src: str | Path, dst: str | Path, spec: QuantSpec, dense: DenseSettings | None = None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import sys
 import time
@@ -82,6 +83,13 @@ class Progress:
 def atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".partial")
     tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def atomic_copy(src: Path, path: Path) -> None:
+    """src's bytes at path, which appears only once they are all there."""
+    tmp = path.with_name(path.name + ".partial")
+    shutil.copyfile(src, tmp)
     os.replace(tmp, path)
 
 
