@@ -77,11 +77,11 @@ def child(job: dict) -> dict:
     """Run one configuration in this process; return its memory samples."""
     import torch
 
-    from mixtral_lite.generate import generate_stream
-    from mixtral_lite.kv_cache import kv_cache_bytes
-    from mixtral_lite.model import load_model
-    from mixtral_lite.offloading import make_factory
-    from mixtral_lite.runstats import device_bytes
+    from mixtral_lite.generation.decode import generate_stream
+    from mixtral_lite.model.kv_cache import kv_cache_bytes
+    from mixtral_lite.model.transformer import load_model
+    from mixtral_lite.runtime.offloading import make_factory
+    from mixtral_lite.runtime.runstats import device_bytes
 
     torch.set_num_threads(job["threads"])
     device = torch.device(job["device"])

@@ -47,7 +47,7 @@ def sanitizer_tests() -> dict:
 
 def greedy(model, n: int) -> tuple[list[int], float]:
     """n greedy ids after PROMPT, and decode seconds (every token after the first)."""
-    from mixtral_lite.generation import generate_stream
+    from mixtral_lite.generation.decode import generate_stream
 
     ids, t_first = [], None
     for step in generate_stream(model, [PROMPT], n, window=256, temperature=0.0):
@@ -69,7 +69,7 @@ def _sync() -> None:
 def load(path, factory=None):
     import torch
 
-    from mixtral_lite.model import load_model
+    from mixtral_lite.model.transformer import load_model
 
     return load_model(path, device=DEVICE, dtype=torch.bfloat16, experts=factory)
 
@@ -82,7 +82,7 @@ def engine_row(model, ids, seconds: float, n: int) -> dict:
 
 def shipped(n: int) -> dict:
     from mixtral_lite import default_model_path
-    from mixtral_lite.offloading import make_factory
+    from mixtral_lite.runtime.offloading import make_factory
 
     rows, want = {}, None
     for name, factory in (("K=8 resident", None), ("K=4 ram", make_factory(slots=4, store="ram")),
@@ -98,7 +98,7 @@ def shipped(n: int) -> dict:
 
 def hybrid(n: int) -> dict:
     from mixtral_lite import default_model_path
-    from mixtral_lite.offloading import make_factory
+    from mixtral_lite.runtime.offloading import make_factory
 
     rows, want = {}, None
     for mode in ("copy", "cpu", "auto"):
@@ -130,8 +130,8 @@ def syncs(n: int) -> dict:
     import torch
 
     from mixtral_lite import default_model_path
-    from mixtral_lite.config import ModelConfig
-    from mixtral_lite.offloading import make_factory
+    from mixtral_lite.model.config import ModelConfig
+    from mixtral_lite.runtime.offloading import make_factory
 
     model = load(default_model_path(), make_factory(slots=4, store="ram"))
     greedy(model, 4)
@@ -162,7 +162,7 @@ def mixtral_1_8(workdir: Path) -> Path:
 
 
 def sweep(path: Path, n: int) -> dict:
-    from mixtral_lite.offloading import make_factory
+    from mixtral_lite.runtime.offloading import make_factory
 
     rows = {}
     for k in (2, 4, 8):
@@ -181,8 +181,8 @@ def budget(path: Path, gib: float, n: int) -> dict:
 
     import torch
 
-    from mixtral_lite.config import ModelConfig
-    from mixtral_lite.offloading import add_args, build
+    from mixtral_lite.model.config import ModelConfig
+    from mixtral_lite.runtime.offloading import add_args, build
 
     p = ap.ArgumentParser()
     p.add_argument("-c", "--ctx-size", type=int, default=256)
@@ -214,7 +214,7 @@ def expert_ms(repeats: int = 50, shapes: dict = SHAPES) -> dict:
     """ms per expert use, one decoding token, per expert shape (intermediate, hidden)."""
     import torch
 
-    from mixtral_lite.experts import expert_function, swiglu_expert
+    from mixtral_lite.model.experts import expert_function, swiglu_expert
     from offload.fused import FusedCodec, fused_unsupported
     from offload.packing import pack_into, views
     from offload.quant import HQQCodec, QuantSpec, quantize_expert

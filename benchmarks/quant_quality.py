@@ -34,13 +34,13 @@ from pathlib import Path
 import torch
 
 from mixtral_lite import default_model_path
-from mixtral_lite.config import ModelConfig
-from mixtral_lite.generation import generate
-from mixtral_lite.model import load_model
-from mixtral_lite.perplexity import perplexity
-from mixtral_lite.qstore import DenseSettings, expert_matrices
-from mixtral_lite.runstats import write_json_atomic
-from mixtral_lite.tokenizer import Tokenizer
+from mixtral_lite.cli.perplexity import perplexity
+from mixtral_lite.generation.decode import generate
+from mixtral_lite.model.config import ModelConfig
+from mixtral_lite.model.qstore import DenseSettings, expert_matrices
+from mixtral_lite.model.tokenizer import Tokenizer
+from mixtral_lite.model.transformer import load_model
+from mixtral_lite.runtime.runstats import write_json_atomic
 from offload.quant import QuantSpec, bits_per_weight, expert_layout
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -35,9 +35,9 @@ class DevTools:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
 def test_chat_page_streams_a_reply(tmp_path):
-    from mixtral_lite.generate import generate
-    from mixtral_lite.loading import prepare
-    from mixtral_lite.server import build_parser
+    from mixtral_lite.generation.decode import generate
+    from mixtral_lite.runtime.load import prepare
+    from mixtral_lite.serve.server import build_parser
     session = prepare(build_parser().parse_args(["-t", "1"]))()
     ids = session.tok.encode_chat([{"role": "user", "content": "Who is Emma?"}])
     expected = session.tok.decode(generate(session.model, [ids], 12, window=session.window,

@@ -11,9 +11,9 @@ import sys
 import termios
 import time
 
-from mixtral_lite.chat import build_parser
-from mixtral_lite.generate import generate
-from mixtral_lite.loading import prepare
+from mixtral_lite.cli.chat import build_parser
+from mixtral_lite.generation.decode import generate
+from mixtral_lite.runtime.load import prepare
 
 TIMEOUT_S = 60
 

@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
-from mixtral_lite import offloading
-from mixtral_lite.config import ModelConfig
-from mixtral_lite.generate import generate
-from mixtral_lite.model import load_model
+from mixtral_lite.generation.decode import generate
+from mixtral_lite.model.config import ModelConfig
+from mixtral_lite.model.transformer import load_model
+from mixtral_lite.runtime import offloading
 
 PROMPT = [1, 415, 2936, 9060, 285, 1142, 28705, 28770, 28723, 851, 349, 264, 1369]  # 13 tokens
 
@@ -162,7 +162,7 @@ OFFLOAD_KEYS = {"expert_hits", "expert_misses", "hit_rate", "prefetch_issued", "
 @pytest.mark.parametrize("flags", [("--experts-per-layer", "2", "--store", "mmap"),
                                    ("--experts-per-layer", "3", "--prefetch", "off", "--cache-policy", "lfu")])
 def test_cli_offloaded_run_prints_the_same_text_and_reports_stats(mixtral_ref, tmp_path, capsys, flags):
-    from mixtral_lite.generate import main
+    from mixtral_lite.cli.generate import main
 
     _, path = mixtral_ref
     base = ["-m", str(path), "-p", "It is a truth", "-n", "8", "--temperature", "0", "--ignore-eos"]

@@ -13,10 +13,10 @@ import openai
 import pytest
 from serving import metric, running_server
 
-from mixtral_lite.generate import generate
-from mixtral_lite.generate import main as generate_main
-from mixtral_lite.loading import prepare
-from mixtral_lite.server import build_parser
+from mixtral_lite.cli.generate import main as generate_main
+from mixtral_lite.generation.decode import generate
+from mixtral_lite.runtime.load import prepare
+from mixtral_lite.serve.server import build_parser
 
 MODEL = "austen-mixtral"
 QUESTIONS = ["Who is Emma?", "Describe the ball at Netherfield.", "Write a letter to Jane.", "What is Bath like?"]

@@ -25,14 +25,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import default_model_path
-from .cli import DTYPE_NAMES, POSITIVE, add_version, check_model_dir, fail, front_door, guard_std_streams, read_text
-from .offload_args import add_args as add_offload_args
+from .. import default_model_path
+from ..runtime.flags import add_args as add_offload_args
+from .front_door import (
+    DTYPE_NAMES,
+    POSITIVE,
+    add_version,
+    check_model_dir,
+    fail,
+    front_door,
+    guard_std_streams,
+    read_text,
+)
 
 if TYPE_CHECKING:  # torch is imported after the arguments are parsed (fast --help)
     import torch
 
-    from .model import Transformer
+    from ..model.transformer import Transformer
 
 
 def windows(n: int, ctx: int, stride: int) -> Iterator[tuple[int, int, int]]:
@@ -126,11 +135,11 @@ def _main(args) -> None:
     if args.ctx < 2 or not 1 <= stride <= args.ctx - 1:
         raise fail(f"need --ctx >= 2 and 1 <= --stride <= ctx - 1 (got {args.ctx}, {stride})")
     text = read_text(args.file)
-    from .config import ModelConfig
+    from ..model.config import ModelConfig
+    from ..model.tokenizer import Tokenizer
+    from ..model.transformer import load_model
+    from ..runtime.offloading import build
     from .generate import _shipped_defaults, pick_device, pick_dtype
-    from .model import load_model
-    from .offloading import build
-    from .tokenizer import Tokenizer
 
     cfg = ModelConfig.from_dir(model_dir)
     device = pick_device(args.device)

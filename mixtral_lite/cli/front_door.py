@@ -93,7 +93,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch (default: the physical cores, fewer when others are busy)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: float32 on cpu, the checkpoint's on cuda")
-    from .offload_args import add_args  # no torch either
+    from ..runtime.flags import add_args  # no torch either
 
     add_args(p)
 

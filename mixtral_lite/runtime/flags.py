@@ -7,7 +7,7 @@ import argparse
 from offload.miss_policy import MISS_POLICIES
 from offload.policy import POLICIES, make_policy
 
-from .cli import POSITIVE, positive_float
+from ..cli.front_door import POSITIVE, positive_float
 
 
 def live_policies() -> list[str]:

@@ -23,12 +23,12 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..cli.front_door import add_model_args
+from ..generation.session import Generation, Params
+from ..runtime.load import prepare
 from .api_schema import ApiError, ChatRequest, CompletionRequest, Sampling, parse
-from .cli import add_model_args
-from .loading import prepare
 from .metrics import Metrics
 from .scheduler import DONE, Job, QueueFull, Scheduler
-from .session import Generation, Params
 
 RETRY_AFTER_S = 1
 

@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import default_model_path
-from .cli import (
+from .. import default_model_path
+from .front_door import (
     NON_NEGATIVE,
     Terminated,
     add_model_args,
@@ -38,7 +38,7 @@ SHIPPED_EXPERTS_PER_LAYER = 4
 def __getattr__(name: str):
     """generate() and generate_stream() live in generation.py (this module imports no torch)."""
     if name in ("generate", "generate_stream", "NonFiniteError"):
-        from . import generation
+        from ..generation import decode as generation
 
         return getattr(generation, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -90,8 +90,8 @@ def _main(args) -> None:
     check_output(args.stats_json, "--stats-json")
     check_output(args.trace_routing, "--trace-routing")
     text = None if args.dry_run else read_prompt(args)
-    from .config import ModelConfig
-    from .sampling import check_args
+    from ..generation.sampling import check_args
+    from ..model.config import ModelConfig
 
     try:
         check_args(args.temperature, args.top_k, args.top_p)
@@ -107,7 +107,7 @@ def _main(args) -> None:
         return _dry_run(args, cfg, model_dir, device, dtype)
     set_threads(args)
     resolve_seed(args, "run")
-    from .tokenizer import Tokenizer
+    from ..model.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(model_dir)  # before the model: a missing tokenizer costs no load
     if tok.vocab_size > cfg.vocab_size:
@@ -122,10 +122,10 @@ def _main(args) -> None:
 
 
 def _generate(args, cfg, model_dir: Path, tok, ids: list[int], window: int, device, dtype) -> None:
-    from .model import load_model
-    from .offloading import build
-    from .runstats import format_stats, write_json_atomic
-    from .tracing import trace_model
+    from ..model.transformer import load_model
+    from ..runtime.offloading import build
+    from ..runtime.runstats import format_stats, write_json_atomic
+    from ..runtime.tracing import trace_model
 
     t0 = time.perf_counter()
     factory = build(args, cfg, device, dtype)
@@ -172,7 +172,7 @@ def pick_device(name: str):
 def pick_dtype(name: str | None, cfg, device):
     import torch
 
-    from .config import DTYPES
+    from ..model.config import DTYPES
 
     if name:
         return DTYPES[name]
@@ -191,7 +191,7 @@ def _shipped_defaults(args) -> None:
 def set_threads(args) -> None:
     import torch
 
-    from .threads import default_threads
+    from ..runtime.threads import default_threads
 
     if args.threads is None:
         args.threads, why = default_threads()
@@ -214,8 +214,8 @@ def plan_window(args, cfg, prompt_tokens: int) -> int:
 
 
 def _dry_run(args, cfg, model_dir: Path, device, dtype) -> None:
-    from .plan import format_plan, make_plan
-    from .runstats import write_json_atomic
+    from ..runtime.dry_run import format_plan, make_plan
+    from ..runtime.runstats import write_json_atomic
 
     plan = make_plan(args, cfg, model_dir, device, dtype, cfg.sliding_window or args.ctx_size)
     print(format_plan(plan))
@@ -225,10 +225,10 @@ def _dry_run(args, cfg, model_dir: Path, device, dtype) -> None:
 
 def run(model, tok, ids: list[int], args, device, window: int) -> dict:
     """Generate, streaming text to stdout; return the figures (also after SIGINT/SIGTERM)."""
-    from .generation import generate_stream
-    from .kv_cache import kv_cache_bytes
-    from .runstats import cuda_memory, device_bytes, disk_read_bytes, peak_rss_bytes
-    from .tokenizer import StreamingDetokenizer
+    from ..generation.decode import generate_stream
+    from ..model.kv_cache import kv_cache_bytes
+    from ..model.tokenizer import StreamingDetokenizer
+    from ..runtime.runstats import cuda_memory, device_bytes, disk_read_bytes, peak_rss_bytes
 
     dtype = model.embed.weight.dtype
     eos = None if args.ignore_eos else tok.eos_id

@@ -11,10 +11,10 @@ import argparse
 import signal
 import sys
 
-from .cli import POSITIVE, add_model_args, add_sampling_args, resolve_seed
-from .loading import prepare
-from .sampling import check_args
-from .session import Generation, Params, Session
+from ..generation.sampling import check_args
+from ..generation.session import Generation, Params, Session
+from ..runtime.load import prepare
+from .front_door import POSITIVE, add_model_args, add_sampling_args, resolve_seed
 
 PROMPT = "> "
 

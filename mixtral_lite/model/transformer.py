@@ -16,7 +16,8 @@ from .compat import require_torch
 
 require_torch()  # before anything below can fail on an old torch with a less helpful error
 
-from . import offloading, qstore, qweights  # noqa: E402
+from ..runtime import offloading  # noqa: E402
+from . import qstore, qweights  # noqa: E402
 from .checkpoint import Checkpoint, check_finite, expert_name  # noqa: E402
 from .config import ModelConfig  # noqa: E402
 from .experts import ExpertProvider, ResidentExperts  # noqa: E402

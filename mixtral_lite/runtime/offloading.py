@@ -28,11 +28,11 @@ from offload.miss_policy import MissPolicy
 from offload.prepacked import PrepackedCodec
 from offload.store import RamStore, SafetensorsSource
 
+from ..model.checkpoint import expert_name
+from ..model.config import ModelConfig
+from ..model.experts import FusedResidentExperts, expert_function
 from .budget import GIB, DevicePlan, check_reserved, choose_slots, dense_bytes, runtime_bytes  # noqa: F401
-from .checkpoint import expert_name
-from .config import ModelConfig
-from .experts import FusedResidentExperts, expert_function
-from .offload_args import add_args, live_policies  # noqa: F401  (their home before)
+from .flags import add_args, live_policies  # noqa: F401  (their home before)
 
 ROLES = ("w1", "w2", "w3")  # the order swiglu_expert takes them
 STACKED_ORDER = ("w1", "w3", "w2")  # their order in a slot
@@ -140,7 +140,7 @@ def make_factory(*, slots: int | None, store: str = "ram", prefetch: bool = True
     def factory(cfg: ModelConfig, ckpt, device, dtype) -> OffloadedExperts:
         device = torch.device(device)
         if resident_checkpoints and not hasattr(ckpt, "expert_store"):
-            from .model import resident_experts  # model imports this module: import when called
+            from ..model.transformer import resident_experts  # model imports this module: import when called
 
             return resident_experts(cfg, ckpt, device, dtype)
         gib = getattr(budget_args, "device_memory", None)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DTYPES, ModelConfig
+from ..model.config import DTYPES, ModelConfig
 from .offloading import GIB, dense_bytes, runtime_bytes, slots_for_budget
 
 MIB = 1 << 20

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import default_model_path, offloading
-from .config import ModelConfig
-from .generate import SHIPPED_EXPERTS_PER_LAYER, pick_device, pick_dtype, set_threads
-from .model import load_model
-from .session import Session
-from .tokenizer import Tokenizer
+from .. import default_model_path
+from ..cli.generate import SHIPPED_EXPERTS_PER_LAYER, pick_device, pick_dtype, set_threads
+from ..generation.session import Session
+from ..model.config import ModelConfig
+from ..model.tokenizer import Tokenizer
+from ..model.transformer import load_model
+from . import offloading
 
 
 def prepare(args) -> Callable[[], Session]:

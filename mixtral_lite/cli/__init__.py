@@ -1,0 +1,1 @@
+"""cli room (see mixtral_lite/__init__.py)."""

@@ -1,0 +1,1 @@
+"""generation room (see mixtral_lite/__init__.py)."""

@@ -1,0 +1,1 @@
+"""model room (see mixtral_lite/__init__.py)."""

@@ -1,0 +1,1 @@
+"""runtime room (see mixtral_lite/__init__.py)."""

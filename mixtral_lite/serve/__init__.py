@@ -1,0 +1,1 @@
+"""serve room (see mixtral_lite/__init__.py)."""
