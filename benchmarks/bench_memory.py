@@ -18,7 +18,7 @@ within 16k tokens while decoding stays fast on a CPU), for the K/store sweep the
 `mixtral-1/8` preset. --quick uses the `tiny` preset for both and 1k..2k tokens.
 
 Device bytes: on CUDA the allocator's peak (torch.cuda.max_memory_allocated); on the CPU there
-is no device allocator to ask, so the figure is mixtral_lite.runstats.device_bytes' account
+is no device allocator to ask, so the figure is mixtral_lite.runtime.runstats.device_bytes' account
 of what the model placed on the "device" (parameters, KV ring, expert slot pool) and is
 marked "accounted". Writes benchmarks/results/bench_memory.json and bench_memory.png.
 """

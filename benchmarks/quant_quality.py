@@ -10,7 +10,7 @@ the offload engine, all resident, on the fused kernels where they apply), and me
 - bits/weight of the experts INCLUDING metadata (every byte of the packed buffer), and the
   bytes of one packed expert at this model's size and, computed from the same layout code,
   at Mixtral-8x7B's (w1, w3 [14336, 4096], w2 [4096, 14336]);
-- perplexity on held-out text with mixtral_lite.perplexity (windows of --ctx tokens with BOS,
+- perplexity on held-out text with mixtral_lite.cli.perplexity (windows of --ctx tokens with BOS,
   advancing by --stride, every token scored once);
 - relative logit error vs the unquantized model: ||L_q - L||_F / ||L||_F, averaged over the
   first --err-windows disjoint windows;

@@ -182,7 +182,7 @@ import psutil, torch  # on Linux psutil itself needs resource: loaded first, as 
 sys.modules["resource"] = None  # what `import resource` finds on Windows
 del mmap.MADV_DONTNEED
 sys.path.insert(0, {str(ROOT / 'tests')!r})
-from mixtral_lite import runstats
+from mixtral_lite.runtime import runstats
 from offload import store
 from test_offload_synth import open_source
 assert runstats.resource is None and runstats.peak_rss_bytes() > 0 and not store.CAN_DROP_PAGES

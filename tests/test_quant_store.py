@@ -1,4 +1,4 @@
-"""tools/quantize_experts.py + mixtral_lite/qstore.py: quantize -> load -> generate, crash safety, checksums."""
+"""tools/quantize_experts.py + mixtral_lite/model/qstore.py: quantize -> load -> generate, crash safety, checksums."""
 
 from __future__ import annotations
 
