@@ -71,8 +71,8 @@ def child(job: dict) -> dict:
     import torch
 
     from mixtral_lite.generation.decode import generate_stream
-    from mixtral_lite.model.transformer import load_model
     from mixtral_lite.runtime import offloading
+    from mixtral_lite.runtime.load import load_model
 
     torch.set_num_threads(job["threads"])
     cached0 = meminfo("Cached")

@@ -152,8 +152,8 @@ def child(job: dict) -> dict:
     from generate_runners import prompts
 
     from mixtral_lite.generation.decode import generate_stream
-    from mixtral_lite.model.transformer import load_model
     from mixtral_lite.runtime import offloading
+    from mixtral_lite.runtime.load import load_model
     from mixtral_lite.runtime.runstats import peak_rss_bytes
 
     torch.set_num_threads(job["threads"])

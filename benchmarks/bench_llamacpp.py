@@ -45,7 +45,7 @@ from gguf_export import export
 from mixtral_lite import default_model_path
 from mixtral_lite.generation.decode import generate_stream
 from mixtral_lite.model.tokenizer import Tokenizer
-from mixtral_lite.model.transformer import load_model
+from mixtral_lite.runtime.load import load_model
 from mixtral_lite.runtime.runstats import write_json_atomic
 
 RESULTS = Path(__file__).parent / "results"

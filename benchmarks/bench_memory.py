@@ -79,7 +79,7 @@ def child(job: dict) -> dict:
 
     from mixtral_lite.generation.decode import generate_stream
     from mixtral_lite.model.kv_cache import kv_cache_bytes
-    from mixtral_lite.model.transformer import load_model
+    from mixtral_lite.runtime.load import load_model
     from mixtral_lite.runtime.offloading import make_factory
     from mixtral_lite.runtime.runstats import device_bytes
 

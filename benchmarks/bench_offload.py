@@ -38,7 +38,7 @@ from mixtral_lite.model.checkpoint import Checkpoint
 from mixtral_lite.model.config import DTYPES
 from mixtral_lite.model.experts import expert_function
 from mixtral_lite.model.tokenizer import Tokenizer
-from mixtral_lite.model.transformer import load_model
+from mixtral_lite.runtime.load import load_model
 from mixtral_lite.runtime.offloading import OffloadedExperts, make_factory, open_experts
 from offload.engine import OffloadEngine
 

@@ -124,7 +124,7 @@ def build_runner(job: dict):
     import torch
 
     from mixtral_lite.generation.decode import generate_stream
-    from mixtral_lite.model.transformer import load_model
+    from mixtral_lite.runtime.load import load_model
     from mixtral_lite.runtime.offloading import make_factory, open_experts
 
     device = torch.device(job["device"])

@@ -69,7 +69,7 @@ def _sync() -> None:
 def load(path, factory=None):
     import torch
 
-    from mixtral_lite.model.transformer import load_model
+    from mixtral_lite.runtime.load import load_model
 
     return load_model(path, device=DEVICE, dtype=torch.bfloat16, experts=factory)
 
@@ -177,24 +177,20 @@ def sweep(path: Path, n: int) -> dict:
 
 def budget(path: Path, gib: float, n: int) -> dict:
     """A --device-memory run: what the plan said against what the device holds (torch + context)."""
-    import argparse as ap
-
     import torch
 
     from mixtral_lite.model.config import ModelConfig
-    from mixtral_lite.runtime.offloading import add_args, build
+    from mixtral_lite.runtime.offloading import build
+    from mixtral_lite.runtime.plan import ExpertChoice, LoadPlan
 
-    p = ap.ArgumentParser()
-    p.add_argument("-c", "--ctx-size", type=int, default=256)
-    p.add_argument("-b", "--batch-size", type=int, default=512)
-    add_args(p)
-    args = p.parse_args(["--device-memory", str(gib)])
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base_free, total = torch.cuda.mem_get_info()
     base_reserved = torch.cuda.memory_reserved()
     cfg = ModelConfig.from_dir(path)
-    model = load(path, build(args, cfg, torch.device("cuda"), torch.bfloat16))
+    plan = LoadPlan(path, cfg, torch.device("cuda"), torch.bfloat16, window=cfg.sliding_window or 256, chunk=512,
+                    experts=ExpertChoice(device_memory=gib))  # -c 256 --device-memory GIB
+    model = load(path, build(plan))
     greedy(model, n)
     free, _ = torch.cuda.mem_get_info()
     reserved = torch.cuda.memory_reserved()

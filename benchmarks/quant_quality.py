@@ -39,7 +39,7 @@ from mixtral_lite.generation.decode import generate
 from mixtral_lite.model.config import ModelConfig
 from mixtral_lite.model.qstore import DenseSettings, expert_matrices
 from mixtral_lite.model.tokenizer import Tokenizer
-from mixtral_lite.model.transformer import load_model
+from mixtral_lite.runtime.load import load_model
 from mixtral_lite.runtime.runstats import write_json_atomic
 from offload.quant import QuantSpec, bits_per_weight, expert_layout
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from mixtral_lite.model.checkpoint import Checkpoint, CheckpointError
 from mixtral_lite.model.config import ConfigError, ModelConfig
-from mixtral_lite.model.transformer import load_model
+from mixtral_lite.runtime.load import load_model
 
 
 @pytest.fixture

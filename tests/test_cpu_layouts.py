@@ -111,7 +111,7 @@ qe.convert(sys.argv[1], sys.argv[2], spec, DenseSettings(QuantSpec(4, 64, 1, 16)
 
 _READ = """
 import json, sys, torch
-from mixtral_lite.model.transformer import load_model
+from mixtral_lite.runtime.load import load_model
 from mixtral_lite.runtime import offloading
 ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
 out = {}

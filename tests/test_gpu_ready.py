@@ -19,6 +19,7 @@ from mixtral_lite.model.compat import MIN_TORCH, require_torch
 from mixtral_lite.model.config import ModelConfig
 from mixtral_lite.model.experts import swiglu_expert
 from mixtral_lite.runtime import budget, offloading
+from mixtral_lite.runtime.plan import LoadPlan
 from offload.codec import PlainCodec
 from offload.engine import OffloadEngine
 from offload.quant import HQQCodec, QuantSpec, expert_layout
@@ -95,19 +96,8 @@ def test_cuda_without_flags_takes_the_budget_path(mixtral_ref):
     """No K and no --device-memory on CUDA: a factory that sizes K from free memory (no CUDA call yet)."""
     _, path = mixtral_ref
     cfg = ModelConfig.from_dir(path)
-    args = _args()
-    assert offloading.build(args, cfg, torch.device("cpu"), torch.float32) is None
-    assert offloading.build(args, cfg, torch.device("cuda"), torch.bfloat16) is not None
-
-
-def _args(*argv):
-    import argparse
-
-    p = argparse.ArgumentParser()
-    p.add_argument("-c", "--ctx-size", type=int, default=4096)
-    p.add_argument("-b", "--batch-size", type=int, default=512)
-    offloading.add_args(p)
-    return p.parse_args(list(argv))
+    assert offloading.build(LoadPlan(path, cfg, torch.device("cpu"), torch.float32, 4096, 512)) is None
+    assert offloading.build(LoadPlan(path, cfg, torch.device("cuda"), torch.bfloat16, 4096, 512)) is not None
 
 
 def test_12_gib_plan_counts_what_torch_does_not_see():

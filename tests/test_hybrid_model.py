@@ -10,8 +10,8 @@ from test_fused import PROMPTS, _logits, fused_store  # noqa: F401  (the module'
 from test_offload_model import PROMPT, greedy_logits, parse
 
 from mixtral_lite.model.config import ModelConfig
-from mixtral_lite.model.transformer import load_model
 from mixtral_lite.runtime import offloading
+from mixtral_lite.runtime.load import load_model
 from offload.miss_policy import MissPolicy
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mixtral_lite.generation.decode import generate
-from mixtral_lite.model.transformer import load_model
+from mixtral_lite.runtime.load import load_model
 
 REFS = ["mixtral_ref", "mistral_ref"]
 

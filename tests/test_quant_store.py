@@ -17,8 +17,8 @@ from mixtral_lite.generation.decode import generate
 from mixtral_lite.model.checkpoint import Checkpoint, CheckpointError
 from mixtral_lite.model.config import ModelConfig
 from mixtral_lite.model.qstore import MANIFEST, DenseSettings, expert_matrices, is_quantized_store, open_store
-from mixtral_lite.model.transformer import load_model
 from mixtral_lite.runtime import offloading
+from mixtral_lite.runtime.load import load_model
 from offload.kernels import QuantLinear
 from offload.quant import QuantSpec, expert_layout
 from offload.store import StoreError, read_header

@@ -13,8 +13,10 @@ import sys
 
 from ..generation.sampling import check_args
 from ..generation.session import Generation, Params, Session
-from ..runtime.load import prepare
-from .front_door import POSITIVE, add_model_args, add_sampling_args, resolve_seed
+from ..runtime.device import set_threads
+from ..runtime.flags import POSITIVE, add_model_args, add_sampling_args, resolve_seed
+from ..runtime.load import open_session
+from ..runtime.plan import plan_load
 
 PROMPT = "> "
 
@@ -112,8 +114,9 @@ def main(argv: list[str] | None = None) -> None:
         check_args(args.temperature, args.top_k, args.top_p)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    session = prepare(args)()
-    repl(Chat(session, args))
+    plan = plan_load(args, show_cache_on_cpu=True)  # the shipped model shows its expert cache in /stats
+    set_threads(plan.threads)
+    repl(Chat(open_session(plan), args))
 
 
 if __name__ == "__main__":

@@ -14,11 +14,9 @@ import time
 from pathlib import Path
 
 from .. import default_model_path
+from ..runtime.flags import NON_NEGATIVE, add_model_args, add_sampling_args, resolve_seed
 from .front_door import (
-    NON_NEGATIVE,
     Terminated,
-    add_model_args,
-    add_sampling_args,
     add_version,
     check_model_dir,
     check_output,
@@ -26,22 +24,8 @@ from .front_door import (
     front_door,
     guard_std_streams,
     read_text,
-    resolve_seed,
     silence_stdout,
 )
-
-# On CUDA the shipped demo offloads 4 of its 8 experts per layer, to show the cache at work; on the
-# CPU the "device" is the same RAM, so offloading there would only cost time and stays off by default.
-SHIPPED_EXPERTS_PER_LAYER = 4
-
-
-def __getattr__(name: str):
-    """generate() and generate_stream() live in generation.py (this module imports no torch)."""
-    if name in ("generate", "generate_stream", "NonFiniteError"):
-        from ..generation import decode as generation
-
-        return getattr(generation, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,30 +69,28 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main(args) -> None:
     guard_std_streams()
-    model_dir = args.model or default_model_path()
-    check_model_dir(model_dir)
+    check_model_dir(args.model or default_model_path())
     check_output(args.stats_json, "--stats-json")
     check_output(args.trace_routing, "--trace-routing")
     text = None if args.dry_run else read_prompt(args)
     from ..generation.sampling import check_args
-    from ..model.config import ModelConfig
+    from ..runtime.plan import plan_load
 
     try:
         check_args(args.temperature, args.top_k, args.top_p)
     except ValueError as e:
         raise fail(str(e)) from None
 
-    cfg = ModelConfig.from_dir(model_dir)
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, cfg, device)
-    if args.model is None and device.type == "cuda":
-        _shipped_defaults(args)
+    plan = plan_load(args)  # the flags end here: below, only the plan and this command's own options
     if args.dry_run:
-        return _dry_run(args, cfg, model_dir, device, dtype)
-    set_threads(args)
+        return _dry_run(plan, args.stats_json)
+    from ..runtime.device import set_threads
+
+    threads = set_threads(plan.threads)
     resolve_seed(args, "run")
     from ..model.tokenizer import Tokenizer
 
+    cfg, model_dir = plan.config, plan.model_dir
     tok = Tokenizer.from_dir(model_dir)  # before the model: a missing tokenizer costs no load
     if tok.vocab_size > cfg.vocab_size:
         raise fail(f"{model_dir}: tokenizer.model has {tok.vocab_size} pieces but config.json's vocab_size "
@@ -118,30 +100,28 @@ def _main(args) -> None:
               "ids without a piece are never sampled", file=sys.stderr)
     ids = tok.encode_chat([{"role": "user", "content": text}]) if args.chat else tok.encode(text)
     window = plan_window(args, cfg, len(ids))
-    _generate(args, cfg, model_dir, tok, ids, window, device, dtype)
+    _generate(args, plan, tok, ids, window, threads)
 
 
-def _generate(args, cfg, model_dir: Path, tok, ids: list[int], window: int, device, dtype) -> None:
-    from ..model.transformer import load_model
-    from ..runtime.offloading import build
+def _generate(args, plan, tok, ids: list[int], window: int, threads: int) -> None:
+    from ..runtime.load import load
     from ..runtime.runstats import format_stats, write_json_atomic
     from ..runtime.tracing import trace_model
 
     t0 = time.perf_counter()
-    factory = build(args, cfg, device, dtype)
-    print(f"load: {model_dir} ({_folder_mib(model_dir):.0f} MiB on disk) on {device}, "
-          f"{str(dtype).removeprefix('torch.')} ...", file=sys.stderr, flush=True)
-    model = load_model(model_dir, device=device, dtype=dtype, experts=factory)
+    print(f"load: {plan.model_dir} ({_folder_mib(plan.model_dir):.0f} MiB on disk) on {plan.device}, "
+          f"{str(plan.dtype).removeprefix('torch.')} ...", file=sys.stderr, flush=True)
+    model = load(plan)
     load_s = time.perf_counter() - t0
     if model.kernel_notes:  # which kernels the quantized weights run on, chosen once at load
         print("kernels: " + ", ".join(f"{k} {v}" for k, v in model.kernel_notes.items()), file=sys.stderr)
     tracer = trace_model(model, args.trace_routing) if args.trace_routing else None
     try:
-        stats = run(model, tok, ids, args, device, window)
+        stats = run(model, tok, ids, args, plan.device, window)
     finally:
         if tracer is not None:
             tracer.close()
-    stats = {"load_s": load_s, "seed": args.seed, "threads": args.threads, **stats}
+    stats = {"load_s": load_s, "seed": args.seed, "threads": threads, **stats}
     if model.kernel_notes:
         stats["kernels"] = model.kernel_notes
     if model.experts is not None:
@@ -159,46 +139,6 @@ def _folder_mib(path: Path) -> float:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / (1 << 20)
 
 
-def pick_device(name: str):
-    import torch
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise fail("--device cuda: no CUDA device is available (try --device cpu)")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def pick_dtype(name: str | None, cfg, device):
-    import torch
-
-    from ..model.config import DTYPES
-
-    if name:
-        return DTYPES[name]
-    if device.type == "cpu":
-        return torch.float32
-    dtype = DTYPES[cfg.dtype]
-    return torch.float16 if dtype == torch.float32 else dtype
-
-
-def _shipped_defaults(args) -> None:
-    """The shipped model on CUDA offloads by default unless the user chose the expert layout."""
-    if args.experts_per_layer is None and args.device_memory is None:
-        args.experts_per_layer = SHIPPED_EXPERTS_PER_LAYER
-
-
-def set_threads(args) -> None:
-    import torch
-
-    from ..runtime.threads import default_threads
-
-    if args.threads is None:
-        args.threads, why = default_threads()
-        print(f"threads: {args.threads} ({why}; -t N to choose)", file=sys.stderr)
-    torch.set_num_threads(args.threads)
-
-
 def plan_window(args, cfg, prompt_tokens: int) -> int:
     """The KV window: the model's sliding window or -c, never more than the text needs; warns when
     the text outgrows a full-attention window or the trained context."""
@@ -213,14 +153,14 @@ def plan_window(args, cfg, prompt_tokens: int) -> int:
     return max(1, min(cfg.sliding_window or args.ctx_size, total))
 
 
-def _dry_run(args, cfg, model_dir: Path, device, dtype) -> None:
-    from ..runtime.dry_run import format_plan, make_plan
+def _dry_run(plan, stats_json: Path | None) -> None:
+    from ..runtime.dry_run import figures, format_figures
     from ..runtime.runstats import write_json_atomic
 
-    plan = make_plan(args, cfg, model_dir, device, dtype, cfg.sliding_window or args.ctx_size)
-    print(format_plan(plan))
-    if args.stats_json:
-        write_json_atomic(args.stats_json, plan)
+    out = figures(plan)
+    print(format_figures(out))
+    if stats_json:
+        write_json_atomic(stats_json, out)
 
 
 def run(model, tok, ids: list[int], args, device, window: int) -> dict:

@@ -26,17 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import default_model_path
-from ..runtime.flags import add_args as add_offload_args
-from .front_door import (
-    DTYPE_NAMES,
-    POSITIVE,
-    add_version,
-    check_model_dir,
-    fail,
-    front_door,
-    guard_std_streams,
-    read_text,
-)
+from ..runtime.flags import POSITIVE, add_device_args, add_offload_args
+from .front_door import add_version, check_model_dir, fail, front_door, guard_std_streams, read_text
 
 if TYPE_CHECKING:  # torch is imported after the arguments are parsed (fast --help)
     import torch
@@ -113,8 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--ctx", type=POSITIVE, default=512, help="tokens per window, BOS included (>= 2)")
     p.add_argument("--stride", type=POSITIVE, help="window step in tokens (default: ctx // 2)")
     p.add_argument("--max-tokens", type=POSITIVE, help="score only the first N text tokens")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: float32 on cpu, the checkpoint's on cuda")
+    add_device_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_offload_args(p)  # generate's flags and defaults: Mixtral offloads here as it does there
@@ -129,32 +119,25 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main(args) -> None:
     guard_std_streams()
-    model_dir = args.model or default_model_path()
-    check_model_dir(model_dir)
+    check_model_dir(args.model or default_model_path())
     stride = args.stride if args.stride is not None else max(1, args.ctx // 2)
     if args.ctx < 2 or not 1 <= stride <= args.ctx - 1:
         raise fail(f"need --ctx >= 2 and 1 <= --stride <= ctx - 1 (got {args.ctx}, {stride})")
     text = read_text(args.file)
-    from ..model.config import ModelConfig
     from ..model.tokenizer import Tokenizer
-    from ..model.transformer import load_model
-    from ..runtime.offloading import build
-    from .generate import _shipped_defaults, pick_device, pick_dtype
+    from ..runtime.load import load
+    from ..runtime.plan import plan_load
 
-    cfg = ModelConfig.from_dir(model_dir)
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, cfg, device)
-    if args.model is None and device.type == "cuda":
-        _shipped_defaults(args)
-    tok = Tokenizer.from_dir(model_dir)
+    args.ctx_size = args.batch_size = args.ctx  # what the plan sizes the KV cache and activations by
+    plan = plan_load(args)
+    tok = Tokenizer.from_dir(plan.model_dir)
     ids = tok.encode(text, bos=False)[: args.max_tokens]
     if not ids:
         raise fail(f"-f/--file: {args.file} has no tokens")
-    args.ctx_size = args.batch_size = args.ctx  # what build() sizes the KV cache and activations by
-    model = load_model(model_dir, device=device, dtype=dtype, experts=build(args, cfg, device, dtype))
+    model = load(plan)
     res = perplexity(model, ids, tok.bos_id, args.ctx, stride, progress=not args.no_progress)
-    res |= {"model": str(model_dir), "file": str(args.file), "ctx": args.ctx, "stride": stride,
-            "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+    res |= {"model": str(plan.model_dir), "file": str(args.file), "ctx": args.ctx, "stride": stride,
+            "device": str(plan.device), "dtype": str(plan.dtype).removeprefix("torch.")}
     if model.experts is not None:
         res |= {k: v for k, v in model.experts.stats().items() if k in ("hit_rate", "bytes_per_token", "stall_s")}
     if args.json:

@@ -23,9 +23,11 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..cli.front_door import add_model_args
-from ..generation.session import Generation, Params
-from ..runtime.load import prepare
+from ..generation.session import Generation, Params, Session
+from ..runtime.device import set_threads
+from ..runtime.flags import add_model_args
+from ..runtime.load import open_session
+from ..runtime.plan import plan_load
 from .api_schema import ApiError, ChatRequest, CompletionRequest, Sampling, parse
 from .metrics import Metrics
 from .scheduler import DONE, Job, QueueFull, Scheduler
@@ -247,11 +249,15 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.max_queue < 1 or args.max_batch < 1:
         raise SystemExit(f"error: --{'max-queue' if args.max_queue < 1 else 'max-batch'} must be >= 1")
-    load = prepare(args)
-    name = args.model_name or args.model.name
+    plan = plan_load(args, show_cache_on_cpu=True)  # the shipped model shows its expert cache in /stats
+    set_threads(plan.threads)
+    name = args.model_name or plan.model_dir.name
+
+    def load() -> Session:  # in the scheduler's worker thread, while the HTTP side answers "loading"
+        return open_session(plan)
 
     def load_failed(e: BaseException) -> None:
-        print(f"error: loading {args.model} failed: {e}", file=sys.stderr)
+        print(f"error: loading {plan.model_dir} failed: {e}", file=sys.stderr)
         os._exit(1)  # the HTTP side must not keep answering "loading" forever
 
     scheduler = Scheduler(load, args.max_queue, args.max_batch, on_load_error=load_failed)
