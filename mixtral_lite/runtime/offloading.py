@@ -63,9 +63,9 @@ class OffloadedExperts:
         return self.engine.stats()
 
 
-def _plan(cfg: ModelConfig, dtype, slot_bytes: int, scratch: int, device, gib: float | None,
-          window: int | None, chunk: int | None, ckpt=None) -> DevicePlan:
-    # without a plan (load_model's default for stores): generate's default -c 4096 and -b 512
+def _device_plan(cfg: ModelConfig, dtype, slot_bytes: int, scratch: int, device, gib: float | None,
+                 window: int | None, chunk: int | None, ckpt=None) -> DevicePlan:
+    # without a LoadPlan (load_model's default for stores): generate's default -c 4096 and -b 512
     window = cfg.sliding_window or window or min(cfg.max_position_embeddings, 4096)
     return choose_slots(cfg, dtype, slot_bytes, window=window, chunk=chunk or 512, device=device, scratch=scratch,
                         gib=gib, dense=dense_bytes(cfg, dtype, ckpt))
@@ -119,19 +119,19 @@ def make_factory(*, slots: int | None, store: str = "ram", prefetch: bool = True
             if isinstance(codec, (FusedCodec, PrepackedCodec)):
                 return FusedResidentExperts(host, codec, device)
         host, codec = open_experts(cfg, ckpt, store, device, dtype)
-        plan = None
+        budget = None
         if slots is None and (device_memory is not None or device.type == "cuda"):
-            plan = _plan(cfg, dtype, slot_layout(codec).nbytes, scratch_bytes(codec, host, device), device,
-                         device_memory, window, chunk, ckpt)
-        k = plan.k if plan else slots or cfg.num_experts
+            budget = _device_plan(cfg, dtype, slot_layout(codec).nbytes, scratch_bytes(codec, host, device),
+                                  device, device_memory, window, chunk, ckpt)
+        k = budget.k if budget else slots or cfg.num_experts
         before = torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
         guess = prefetch and k < cfg.num_experts  # with every expert cached a guess has nothing to load
         misses, host_side = _misses(miss_policy, cpu_threads, k < cfg.num_experts, cfg, ckpt, host, codec,
                                     device, dtype)
         engine = OffloadEngine(host, codec, expert_function(codec), k, device, policy=policy, prefetch=guess,
                                transfer=transfer, miss_policy=misses, host=host_side)
-        if plan is not None and device.type == "cuda":
-            warning = check_reserved(plan, torch.cuda.memory_reserved(device) - before)
+        if budget is not None and device.type == "cuda":
+            warning = check_reserved(budget, torch.cuda.memory_reserved(device) - before)
             if warning:
                 print(warning, file=sys.stderr)
         return OffloadedExperts(engine, guess)
