@@ -35,8 +35,6 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
-from hqq.core.bitpack import BitPack
-from hqq.core.quantize import Quantizer
 
 from offload.hqq_fast import hqq_axis1
 from offload.packing import Layout
@@ -44,7 +42,6 @@ from offload.packing import Layout
 Spec = tuple[str, torch.dtype, tuple]  # (name, dtype, shape) of one packed part
 
 BITS = (2, 3, 4, 8)
-_PACK = {2: BitPack.pack_2bit_u8, 3: BitPack.pack_3bit_32, 4: BitPack.pack_4bit_u8, 8: BitPack.pack_8bit_u8}
 _PER_WORD = {2: 4, 3: 10, 4: 2, 8: 1}  # codes per packed element (uint8, or int32 for 3 bits)
 
 
@@ -143,6 +140,34 @@ def _meta_ref(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor
 METHODS = ("hqq", "hqq-fast", "rtn")  # hqq-fast: offload/hqq_fast.py, hqq's optimiser in chunks
 
 
+def hqq_quantizer():
+    """hqq's Quantizer, imported on first use: only `--method hqq` needs it (importing hqq pulls in
+    torch's compiler, ~4 s), so a run, rtn and hqq-fast never import it."""
+    try:
+        from hqq.core.quantize import Quantizer
+    except ImportError as e:
+        raise ImportError(f"hqq's optimiser needs the hqq package ({e}): pip install 'mixtral-lite[quantize]', "
+                          "or use --method hqq-fast or rtn") from None
+    return Quantizer
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """hqq's bit packing (BitPack.pack_2bit_u8 / pack_3bit_32 / pack_4bit_u8 / pack_8bit_u8), byte for byte,
+    without importing hqq: row block i of the codes [rows, cols] goes to bit shift _SHIFTS[bits][i]."""
+    # codes [rows, cols] in [0, 2^bits); out [ceil(rows / per), cols]; 3 bits pad rows to a multiple of 10
+    per = _PER_WORD[bits]
+    dtype = torch.int32 if bits == 3 else torch.uint8
+    step = -(-codes.shape[0] // per)
+    q = torch.zeros(step * per, codes.shape[1], dtype=dtype, device=codes.device)
+    q[: codes.shape[0]] = codes
+    if bits == 8:
+        return q
+    out = q[:step] << _SHIFTS[bits][0]
+    for i, shift in enumerate(_SHIFTS[bits][1:], start=1):
+        out |= q[i * step : (i + 1) * step] << shift
+    return out
+
+
 def _rtn(w: torch.Tensor, spec: QuantSpec, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest min-max scale/zero per group (hqq's grouped view and shapes): the fast method."""
     wg = w.float().reshape(rows, cols)
@@ -165,7 +190,7 @@ def quantize_matrix(w: torch.Tensor, spec: QuantSpec, prefix: str, device: str |
         scale, zero = hqq_axis1(w.to(device), spec.bits, spec.group_size, round_zero=spec.bits == 4)
         meta = {"scale": scale, "zero": zero}
     elif method in ("hqq", "hqq-fast"):  # axis 0 couples groups across rows: hqq's own loop
-        _, meta = Quantizer.quantize(
+        _, meta = hqq_quantizer().quantize(
             w.to(device), nbits=spec.bits, channel_wise=True, group_size=spec.group_size, optimize=True,
             round_zero=spec.bits == 4, axis=spec.axis, bitpack=False, device=str(device))
     else:
@@ -187,7 +212,7 @@ def quantize_matrix(w: torch.Tensor, spec: QuantSpec, prefix: str, device: str |
     wg = w.to(device=device, dtype=torch.float32).reshape(rows, cols)
     # in place after the one division: at 14336x4096 each temporary is 235 MB of memory traffic
     codes = wg.div(scale.float()).add_(zero.float()).round_().clamp_(0, 2**spec.bits - 1)
-    return {f"{prefix}.q": _PACK[spec.bits](codes).cpu(), **out}
+    return {f"{prefix}.q": pack_codes(codes, spec.bits).cpu(), **out}
 
 
 def quantize_expert(mats: dict[str, torch.Tensor], spec: QuantSpec, device: str | torch.device,
@@ -210,6 +235,7 @@ def layout_from_dict(d: dict) -> Layout:
 def hqq_reference(parts: dict[str, torch.Tensor], prefix: str, shape: tuple[int, int], spec: QuantSpec,
                   dtype: torch.dtype) -> torch.Tensor:
     """hqq's own dequantization (`Quantizer.dequantize`) of one packed matrix: the test oracle."""
+    Quantizer = hqq_quantizer()
     rows, cols = _grid(shape, spec)
     m = rows * cols // spec.group_size
     meta_shape = (1, m) if spec.axis == 0 else (m, 1)

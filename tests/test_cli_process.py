@@ -7,10 +7,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 GEN = [sys.executable, "-m", "mixtral_lite.generate"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _sh(command: str, **kw) -> subprocess.CompletedProcess:
@@ -25,6 +27,28 @@ def test_help_and_version_answer_before_torch_loads():
         assert out.returncode == 0 and out.stdout.startswith("mixtral-lite 0."), out
     bad = subprocess.run(GEN + ["-b", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "-b/--batch-size: 0 is out of range" in bad.stderr
+
+
+def test_a_run_imports_neither_quantizer_server_nor_compiler(mixtral_q_ref, tmp_path):
+    """Start-up (issue 23): reading a 4-bit store imports no hqq (4 s, it pulls in torch's compiler), no
+    server packages, no transformers and no torch._dynamo (which nn.Embedding's init on the meta device
+    would import: 1.3 s); `python -X importtime` shows the rest. Not a timed test: the modules are the
+    property."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from store_converter import convert
+
+    from mixtral_lite.model.qstore import DenseSettings
+    from offload.quant import QuantSpec
+
+    store = convert(mixtral_q_ref[1], tmp_path / "q4", QuantSpec(4, 64, 1, 8),
+                    DenseSettings(QuantSpec(4, 64, 1, 16), False, 8, 8), progress=False, method="rtn")
+    code = ("import sys; from mixtral_lite.cli.generate import main; "
+            f"main(['-m', {str(store)!r}, '-p', 'hi', '-n', '1', '-t', '1', '-s', '0']); "
+            "print('loaded:', *[m for m in ('hqq', 'fastapi', 'uvicorn', 'prometheus_client', 'transformers', "
+            "'torch._dynamo', 'torch._inductor') if m in sys.modules], file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == "loaded:", out.stderr
 
 
 def _timed(argv) -> float:

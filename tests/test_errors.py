@@ -113,6 +113,32 @@ def test_quantizer_flags_and_finished_store(mixtral_ref, tmp_path, capsys):
     assert "nothing to do" in capsys.readouterr().err
     line = one_line_error(capsys, qe.main, [src, dst, "--bits", "2", "--resume"])
     assert "other settings" in line and "expert quantization: store bits=4" in line and "now bits=2" in line
+    line = one_line_error(capsys, qe.main, [dst, tmp_path / "again", "--bits", "4"])  # a finished store as SRC
+    assert "is already a quantized store" in line and f"generate -m {dst}" in line and "--resume" not in line
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert "is a GGUF file" in one_line_error(capsys, qe.main, [tmp_path / "m.gguf", tmp_path / "g2"])
+
+
+@pytest.mark.parametrize("command, argv, closest", [
+    ("generate", ["--tempreature", "0", "-p", "x"], "--temperature"),
+    ("generate", ["--experts-per-layr=4"], "--experts-per-layer"),
+    ("chat", ["--sytem", "be brief"], "--system"),
+    ("server", ["--prot", "8081"], "--port"),
+    ("perplexity", ["-f", "x", "--strdie", "3"], "--stride"),
+    ("quantize", ["a", "b", "--method", "rtn", "--bitz", "4"], "--bits"),
+])
+def test_a_mistyped_flag_is_one_line_naming_the_closest(command, argv, closest, capsys):
+    """No 12-line usage block: one line, exit 2, with argparse's message and the nearest real flag."""
+    from mixtral_lite.cli import chat
+    from mixtral_lite.serve import server
+
+    main = {"generate": generate_main, "chat": chat.main, "server": server.main, "perplexity": ppl.main,
+            "quantize": qe.main}[command]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "unrecognized arguments" in err and f"(did you mean {closest}?)" in err and "usage:" not in err
 
 
 def test_perplexity_numeric_flags(mixtral_ref, tmp_path, capsys):

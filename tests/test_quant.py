@@ -10,6 +10,7 @@ from offload.quant import (
     bits_per_weight,
     expert_layout,
     hqq_reference,
+    pack_codes,
     quantize_expert,
 )
 
@@ -124,3 +125,16 @@ def test_cuda_decode_equals_hqq_on_cuda(spec):
     gpu_parts = {k: v.cuda() for k, v in parts.items()}
     for (name, shape), got in zip(SHAPES.items(), outs, strict=True):
         assert got.is_cuda and torch.equal(got, hqq_reference(gpu_parts, name, shape, spec, torch.float16))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("rows", [40, 64, 33])
+def test_pack_codes_is_hqqs_bitpack_byte_for_byte(bits, rows):
+    """Our packer (no hqq import: a run, rtn and hqq-fast never load hqq) writes hqq's BitPack bytes."""
+    bitpack = pytest.importorskip("hqq.core.bitpack").BitPack
+    if bits != 3 and rows % {2: 4, 4: 2, 8: 1}[bits]:
+        pytest.skip("hqq packs 2/4-bit codes only in whole row blocks")
+    pack = {2: bitpack.pack_2bit_u8, 3: bitpack.pack_3bit_32, 4: bitpack.pack_4bit_u8, 8: bitpack.pack_8bit_u8}
+    codes = torch.randint(0, 2**bits, (rows, 24), generator=torch.Generator().manual_seed(bits)).float()
+    ours, theirs = pack_codes(codes, bits), pack[bits](codes)
+    assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)

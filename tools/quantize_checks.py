@@ -54,5 +54,17 @@ def check_flags(a) -> None:
     if a.dst.exists() and not a.dst.is_dir():
         raise ValueError(f"{a.dst}: is a file; DST must be a folder (empty, or an interrupted run with --resume)")
     if not a.src.is_dir():
-        raise ValueError(f"{a.src}: {'is not a folder' if a.src.exists() else 'does not exist'} "
-                            "(SRC is a Hugging Face checkpoint folder)")
+        what = "a GGUF file" if a.src.suffix.lower() == ".gguf" else "not a folder" if a.src.exists() else None
+        raise ValueError(f"{a.src}: {'is ' + what if what else 'does not exist'} "
+                         "(SRC is a Hugging Face checkpoint folder: config.json, tokenizer.model, *.safetensors)")
+    if (a.src / "manifest.json").is_file():
+        raise ValueError(f"{a.src} is already a quantized store (it has manifest.json), not a Hugging Face "
+                         "checkpoint: it runs as it is (python -m mixtral_lite.generate -m "
+                         f"{a.src}); to re-quantize, give the downloaded checkpoint as SRC")
+    if a.method == "hqq" or (a.method == "hqq-fast" and a.axis == 0):
+        try:
+            import hqq.core.quantize  # noqa: F401  (hqq's optimiser: only this method needs it)
+        except ImportError as e:
+            raise ValueError(f"--method {a.method} needs the hqq package ({e}): pip install "
+                             "'mixtral-lite[quantize]', or use --method hqq-fast (the same optimiser in chunks) or "
+                             "--method rtn, which need nothing more") from None

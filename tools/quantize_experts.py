@@ -24,7 +24,6 @@ so is any tensor whose flag is 16. Every dense tensor gets a crc32 in the manife
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -61,16 +60,19 @@ def _settings(a):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from mixtral_lite.runtime.flags import Parser  # one-line flag errors, "did you mean"
+
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("src", type=Path, help="Hugging Face Mixtral or Mistral checkpoint folder")
     p.add_argument("dst", type=Path, help="output store folder (empty, or an interrupted run with --resume)")
     p.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=4,
                    help="expert (and dense MLP) weight bits (default 4)")
     p.add_argument("--group-size", type=int, help="weights per scale/zero (default: 2->32, 3->128, 4->64, 8->128)")
     p.add_argument("--method", choices=("hqq", "hqq-fast", "rtn"), default="hqq",  # offload.quant.METHODS
-                   help="hqq: hqq's half-quadratic optimiser (best quality, 26-98 s per full-size matrix on a "
-                        "CPU); hqq-fast: the same optimiser in cache-sized chunks (offload/hqq_fast.py, ~3x "
-                        "faster); rtn: round-to-nearest min-max, same format, ~0.5 s per full-size matrix")
+                   help="hqq: hqq's half-quadratic optimiser (best quality; needs the quantize extra; 26-98 s per "
+                        "full-size matrix on a 2-core CPU, 6-21 h for Mixtral-8x7B: use a GPU); hqq-fast: the same "
+                        "optimiser in cache-sized chunks (offload/hqq_fast.py; 3.7 s per matrix there, ~49 min); "
+                        "rtn: round-to-nearest min-max, same format (0.28 s per matrix, ~4 min; quality: README)")
     p.add_argument("--axis", type=int, choices=(0, 1), default=1,
                    help="hqq grouping axis (default 1: groups along the input, what the fused kernels read)")
     p.add_argument("--meta-bits", type=int, choices=(8, 16), default=8,

@@ -278,7 +278,7 @@ class Converter:
         man = {
             "format": FORMAT, "version": VERSION,
             "source": self.head["source"],
-            "quantizer": {"hqq": importlib.metadata.version("hqq"), "device": self.head["settings"]["device"],
+            "quantizer": {"hqq": _installed("hqq"), "device": self.head["settings"]["device"],
                           "method": self.method},
             "quantization": {"experts": self.spec.to_dict(), "dense": self.dense.to_dict()},
             "dense": {"file": DENSE, "tensors": tensors, "crc32": dense_crc},
@@ -301,13 +301,23 @@ class Converter:
         self.journal.path.unlink()
 
     def copy_side_files(self) -> None:
-        """config.json and tokenizer.model from SRC (`generate -m DST` needs them)."""
-        for name in ("config.json", "tokenizer.model"):
+        """config.json and tokenizer.model from SRC (`generate -m DST` needs them); tokenizer_config.json when
+        SRC has one (its chat_template says the model was trained to chat)."""
+        for name in ("config.json", "tokenizer.model", "tokenizer_config.json"):
             if not (self.src / name).is_file():
-                print(f"warning: {self.src / name} not found, not copied: `generate -m {self.dst}` "
-                      "needs it", file=sys.stderr)
+                if name != "tokenizer_config.json":
+                    print(f"warning: {self.src / name} not found, not copied: `generate -m {self.dst}` "
+                          "needs it", file=sys.stderr)
                 continue
             atomic_copy(self.src / name, self.dst / name)
+
+
+def _installed(package: str) -> str | None:
+    """The package's version, or None when it is not installed (rtn and hqq-fast run without hqq)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def convert(src: str | Path, dst: str | Path, spec: QuantSpec, dense: DenseSettings | None = None,

@@ -14,7 +14,7 @@ import sys
 from ..generation.sampling import check_args
 from ..generation.session import Generation, Params, Session
 from ..runtime.device import set_threads
-from ..runtime.flags import POSITIVE, add_model_args, add_sampling_args, resolve_seed
+from ..runtime.flags import POSITIVE, Parser, add_model_args, add_sampling_args, resolve_seed
 from ..runtime.load import open_session
 from ..runtime.plan import plan_load
 
@@ -22,8 +22,8 @@ PROMPT = "> "
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mixtral-lite-chat", description=__doc__.splitlines()[0])
-    add_model_args(p)
+    p = Parser(prog="mixtral-lite-chat", description=__doc__.splitlines()[0])
+    add_model_args(p, shipped_offloads_on_cpu=True)
     add_sampling_args(p)
     p.add_argument("--system", help="system prompt (folded into the first user turn, as Mistral's template does)")
     p.add_argument("-n", "--max-new-tokens", type=POSITIVE, default=512, help="longest answer, in tokens")

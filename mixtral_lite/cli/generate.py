@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .. import default_model_path
-from ..runtime.flags import NON_NEGATIVE, add_model_args, add_sampling_args, resolve_seed
+from ..runtime.flags import NON_NEGATIVE, Parser, add_model_args, add_sampling_args, resolve_seed
 from .front_door import (
     Terminated,
     add_version,
@@ -29,7 +29,7 @@ from .front_door import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mixtral-lite", description=__doc__.splitlines()[0])
+    p = Parser(prog="mixtral-lite", description=__doc__.splitlines()[0])
     add_version(p)
     p.add_argument("-p", "--prompt", help="prompt text")
     p.add_argument("-f", "--file", type=Path, help="read the prompt from this UTF-8 file (- = stdin)")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import default_model_path
-from ..runtime.flags import POSITIVE, add_device_args, add_offload_args
+from ..runtime.flags import POSITIVE, Parser, add_device_args, add_offload_args
 from .front_door import add_version, check_model_dir, fail, front_door, guard_std_streams, read_text
 
 if TYPE_CHECKING:  # torch is imported after the arguments are parsed (fast --help)
@@ -96,7 +96,7 @@ def _bar(done: int, total: int, seconds: float, width: int = 30) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mixtral_lite.perplexity", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m mixtral_lite.perplexity", description=__doc__.splitlines()[0])
     add_version(p)
     p.add_argument("-m", "--model", type=Path, help="checkpoint folder or quantized store "
                    "(default: the shipped Austen model)")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from . import qstore, qweights
 from .checkpoint import Checkpoint, check_finite, expert_name
@@ -65,6 +66,17 @@ def resident_experts(cfg: ModelConfig, ckpt, device, dtype):
     return ResidentExperts(w13, w2)
 
 
+class _SkipInit(TorchFunctionMode):
+    """torch.nn.init's random init becomes a no-op: the model is built on the meta device, where it is
+    pointless, and Embedding's normal_ there imports torch._dynamo (1.3 s of a 3 s start-up)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 def build_model(path, *, device="cpu", dtype: torch.dtype = torch.float32, experts=None,
                 fused: bool = True) -> Transformer:
     """Build the model from a checkpoint folder (HF layout or a quantized store).
@@ -80,7 +92,7 @@ def build_model(path, *, device="cpu", dtype: torch.dtype = torch.float32, exper
     if cfg.is_moe and experts is None and not isinstance(ckpt, Checkpoint):
         raise ValueError(f"{ckpt.path}: a quantized store's experts run from the offload engine: pass "
                          "experts= (mixtral_lite.runtime.load.load_model passes it)")
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         model = Transformer(cfg)
     params = dict(model.named_parameters())
     quantized = getattr(ckpt, "quantized", {})

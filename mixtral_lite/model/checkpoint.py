@@ -64,6 +64,9 @@ def shard_map(path: Path) -> dict[str, Path]:
         return {name: path / shard for name, shard in weight_map.items()}
     if (path / SINGLE).is_file():
         return {name: path / SINGLE for name in _open(path / SINGLE).keys()}
+    if (path / "manifest.json").is_file():
+        raise CheckpointError(f"{path}: a finished quantized store (it has manifest.json), not a Hugging Face "
+                              "checkpoint: open it with open_checkpoint() or run it with generate -m")
     if (path / "dense.safetensors").is_file() or any(path.glob("experts-*-of-*.safetensors*")):
         raise CheckpointError(f"{path}: a quantized store without its manifest.json (an interrupted "
                               "tools/quantize_experts.py run? rerun it with --resume to finish the store)")

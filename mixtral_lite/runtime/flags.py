@@ -4,6 +4,7 @@
     add_offload_args    --experts-per-layer --store --prefetch --device-memory --cache-policy
                         --miss-policy --cpu-threads                       (+ perplexity)
     add_sampling_args   --temperature --top-k --top-p -s                  (generate, chat)
+    Parser              argparse with one-line errors: a mistyped flag names the closest valid one
 
 Their values are read in one place, `runtime.plan.plan_load`, into the plan every load walks down.
 """
@@ -11,6 +12,7 @@ Their values are read in one place, `runtime.plan.plan_load`, into the plan ever
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import secrets
 import sys
@@ -20,6 +22,24 @@ from offload.miss_policy import MISS_POLICIES
 from offload.policy import POLICIES, make_policy
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")  # = sorted(model.config.DTYPES), without importing torch
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block): `--tempreature` says "did you mean --temperature?"."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}{self.hint(message)}\n")
+
+    def hint(self, message: str) -> str:
+        """' (did you mean --x?)' for the first unknown flag close to a real one; where the flags are listed."""
+        if message.startswith("unrecognized arguments: "):
+            for word in message.removeprefix("unrecognized arguments: ").split():
+                close = difflib.get_close_matches(word.split("=")[0], list(self._option_string_actions), n=1)
+                if word.startswith("-") and close:
+                    return f" (did you mean {close[0]}?)"
+        if message.startswith(("unrecognized", "the following arguments are required")):
+            return " (--help lists every flag)"
+        return ""
 
 
 def int_range(lo: int | None = None, hi: int | None = None, what: str = "an integer"):
@@ -51,8 +71,9 @@ NON_NEGATIVE = int_range(0, what=">= 0")
 SEED = int_range(-1, (1 << 64) - 1, what="-1 (random) or between 0 and 2**64 - 1")
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The flags of every command that loads a model to generate with (generate, server, chat)."""
+def add_model_args(p: argparse.ArgumentParser, shipped_offloads_on_cpu: bool = False) -> None:
+    """The flags of every command that loads a model to generate with (generate, server, chat); the chat and
+    the server offload the shipped model on the CPU too (runtime/plan.py), and their help says so."""
     p.add_argument("-m", "--model", type=Path, help="checkpoint folder (default: the shipped Austen model)")
     p.add_argument("-c", "--ctx-size", type=POSITIVE, default=4096,
                    help="KV window when the model has no sliding_window; a window shorter than the "
@@ -61,7 +82,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--threads", type=POSITIVE,
                    help="CPU threads for torch (default: the physical cores, fewer when others are busy)")
     add_device_args(p)
-    add_offload_args(p)
+    add_offload_args(p, shipped_offloads_on_cpu)
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
@@ -81,11 +102,15 @@ def live_policies() -> list[str]:
     return names
 
 
-def add_offload_args(p: argparse.ArgumentParser) -> None:
+def add_offload_args(p: argparse.ArgumentParser, shipped_offloads_on_cpu: bool = False) -> None:
     g = p.add_argument_group("expert offloading")
+    shipped = ("the shipped model uses 4 (on the CPU too: its /stats and figures show the cache at work; "
+               "--experts-per-layer 8 runs it faster)" if shipped_offloads_on_cpu else
+               "on CUDA the shipped model uses 4")
     g.add_argument("--experts-per-layer", type=POSITIVE, metavar="K",
-                   help="device slots per layer for experts (default: all, i.e. no offloading; on CUDA the "
-                        "shipped model uses 4); fewer than the model's experts turns offloading on")
+                   help="device slots per layer for experts; fewer than the model's experts turns offloading on "
+                        "(default: every expert on the CPU, and a checkpoint's on CUDA; a quantized store on CUDA: "
+                        f"K from the free device memory; {shipped})")
     g.add_argument("--store", choices=["ram", "mmap"],
                    help="host home of the experts: ram (loaded once, pinned on CUDA) or mmap (read in place)")
     g.add_argument("--prefetch", choices=["off", "next"], default="next",

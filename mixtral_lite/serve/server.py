@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..generation.session import Generation, Params, Session
 from ..runtime.device import set_threads
-from ..runtime.flags import add_model_args
+from ..runtime.flags import Parser, add_model_args
 from ..runtime.load import open_session
 from ..runtime.plan import plan_load
 from .api_schema import ApiError, ChatRequest, CompletionRequest, Sampling, parse
@@ -230,8 +230,8 @@ def _usage(gen: Generation) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mixtral-lite-server", description=__doc__.splitlines()[0])
-    add_model_args(p)
+    p = Parser(prog="mixtral-lite-server", description=__doc__.splitlines()[0])
+    add_model_args(p, shipped_offloads_on_cpu=True)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = every interface)")
     g.add_argument("--port", type=int, default=8080, help="port (0 = any free port; the chosen one is printed)")
