@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,3 +178,50 @@ def test_model_vocab_larger_than_tokenizer(mixtral_ref, tmp_path, capsys):
                   "--stats-json", f)
     assert "ids without a piece are never sampled" in out.err
     assert max(json.loads(f.read_text())["generated_ids"]) < 32000
+
+
+def test_chat_says_once_what_a_model_without_chat_training_is(mixtral_ref, tmp_path, capsys):
+    """--chat on the shipped model (no chat template) says so in one note; an Instruct-like folder does not;
+    the quantizer carries tokenizer_config.json into the store, so the store knows too."""
+    import shutil
+
+    from mixtral_lite.runtime.about import chat_note, context_warning, has_chat_template
+
+    out = run_cli(capsys, "-p", "Who is Emma?", "-n", 1, "-t", 1, "-s", 0, "--chat")
+    assert out.err.count("note: the shipped austen-mixtral") == 1 and "not on conversations" in out.err
+    assert "note: the shipped" not in run_cli(capsys, "-p", "Emma", "-n", 1, "-t", 1, "-s", 0).err
+    _, path = mixtral_ref
+    src = tmp_path / "instruct"
+    shutil.copytree(path, src)
+    assert "no chat template" in chat_note(src) and not has_chat_template(src)
+    (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ bos_token }}[INST] ..."}))
+    assert chat_note(src) is None
+    assert "note:" not in run_cli(capsys, "-m", src, "-p", "Hi", "-n", 1, "-t", 1, "-s", 0, "--chat").err
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from store_converter import convert
+
+    from offload.quant import QuantSpec
+
+    store = convert(src, tmp_path / "q4", QuantSpec(4, 32, 1, 8), progress=False, method="rtn")
+    assert has_chat_template(store) and chat_note(store) is None
+    assert context_warning(512, 512) is None and "past the 512" in context_warning(513, 512)
+
+
+def test_chat_repl_warns_once_past_the_trained_context(capsys):
+    """The shipped model was trained on 512-token windows: a conversation past them gets one warning, and
+    /reset (a new conversation) rearms it."""
+    from mixtral_lite.cli.chat import Chat, build_parser
+    from mixtral_lite.runtime.load import open_session
+    from mixtral_lite.runtime.plan import plan_load
+
+    args = build_parser().parse_args(["-t", "1", "-n", "2", "--temperature", "0"])
+    chat = Chat(open_session(plan_load(args)), args)
+    chat.answer("Emma " * 100, write=lambda s: None)
+    assert "warning:" not in capsys.readouterr().err  # ~110 tokens: within the 512
+    chat.answer("Harriet " * 450, write=lambda s: None)
+    chat.answer("And then?", write=lambda s: None)
+    err = capsys.readouterr().err
+    assert err.count("warning: the conversation is") == 1 and "past the 512 the model was trained on" in err
+    chat.reset()
+    chat.answer("Knightley " * 520, write=lambda s: None)
+    assert capsys.readouterr().err.count("warning: the conversation is") == 1

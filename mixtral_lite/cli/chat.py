@@ -3,6 +3,8 @@
 Answers stream as they are generated; each turn reuses the KV cache of the conversation so far.
 Commands: /reset (new conversation), /stats (tok/s, expert cache, bytes), /exit.
 Ctrl-C stops the current answer and keeps the chat; Ctrl-D at the prompt exits.
+A model without chat training (the shipped one) is named as such once; a conversation that passes the
+trained context (max_position_embeddings) gets one warning.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 
 from ..generation.sampling import check_args
 from ..generation.session import Generation, Params, Session
+from ..runtime.about import chat_note, context_warning
 from ..runtime.device import set_threads
 from ..runtime.flags import POSITIVE, Parser, add_model_args, add_sampling_args, resolve_seed
 from ..runtime.load import open_session
@@ -36,6 +39,7 @@ class Chat:
         self.session, self.args = session, args
         self.history: list[dict] = []
         self.last: Generation | None = None
+        self.warned = False  # the trained-context warning, once per conversation
 
     def answer(self, text: str, write=sys.stdout.write) -> Generation:
         """Stream the answer to `text`; Ctrl-C (SIGINT) ends it early and keeps what was said."""
@@ -58,6 +62,10 @@ class Chat:
         write("\n" + ("[stopped]\n" if gen.finish_reason == "cancelled" else ""))
         self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(pieces)}]
         self.last = gen
+        warning = context_warning(len(gen.ids) + len(gen.tokens), self.session.model.config.max_position_embeddings)
+        if warning and not self.warned:
+            print(f"warning: {warning} (/reset)", file=sys.stderr)
+            self.warned = True
         return gen
 
     def stats(self) -> str:
@@ -76,12 +84,14 @@ class Chat:
         return "\n".join(lines)
 
     def reset(self) -> None:
-        self.history, self.last = [], None
+        self.history, self.last, self.warned = [], None, False
         self.session.reset()
 
 
-def repl(chat: Chat) -> None:
+def repl(chat: Chat, note: str | None = None) -> None:
     print("mixtral-lite chat: /reset, /stats, /exit; Ctrl-C stops an answer, Ctrl-D exits", file=sys.stderr)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     while True:
         try:
             line = input(PROMPT)
@@ -116,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {e}") from None
     plan = plan_load(args, show_cache_on_cpu=True)  # the shipped model shows its expert cache in /stats
     set_threads(plan.threads)
-    repl(Chat(open_session(plan), args))
+    repl(Chat(open_session(plan), args), chat_note(plan.model_dir))
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ def _main(args) -> None:
     check_output(args.trace_routing, "--trace-routing")
     text = None if args.dry_run else read_prompt(args)
     from ..generation.sampling import check_args
+    from ..runtime.about import chat_note
     from ..runtime.plan import plan_load
 
     try:
@@ -99,6 +100,8 @@ def _main(args) -> None:
         print(f"note: the model's vocab_size {cfg.vocab_size} exceeds the tokenizer's {tok.vocab_size} pieces; "
               "ids without a piece are never sampled", file=sys.stderr)
     ids = tok.encode_chat([{"role": "user", "content": text}]) if args.chat else tok.encode(text)
+    if args.chat and (note := chat_note(model_dir)):
+        print(f"note: {note}", file=sys.stderr)
     window = plan_window(args, cfg, len(ids))
     _generate(args, plan, tok, ids, window, threads)
 

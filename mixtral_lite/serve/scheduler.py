@@ -72,6 +72,13 @@ class Scheduler:
             self._waiting.append(job)
             self._wake.notify()
 
+    def cancel(self, job: Job) -> None:
+        """The client has gone (Stop, a closed connection): a running request leaves its batch at the next
+        token; a waiting one leaves the queue now, so its place is free at once."""
+        job.gen.cancelled.set()
+        with self._wake:
+            self._drop_cancelled()
+
     def _work(self) -> None:
         try:
             self.session = self._load()

@@ -3,7 +3,9 @@
     POST /v1/chat/completions   POST /v1/completions   GET /v1/models
     GET /health (llama-server's shape)   GET /metrics (Prometheus)   GET /stats (JSON)   GET / (chat page)
 
-The model lives in one worker thread (scheduler.py); handlers only validate, queue and stream.
+The model lives in one worker thread (scheduler.py); handlers only validate, queue and stream. A client
+that leaves (the page's Stop, a closed connection) cancels its request: it leaves its batch at the next
+token, or the queue at once, and the slot is free for the next request.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..generation.session import Generation, Params, Session
+from ..runtime.about import describe
 from ..runtime.device import set_threads
 from ..runtime.flags import Parser, add_model_args
 from ..runtime.load import open_session
@@ -43,7 +46,8 @@ class Defaults:
 
 
 def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None,
-               defaults: Defaults | None = None) -> FastAPI:
+               defaults: Defaults | None = None, about: dict | None = None) -> FastAPI:
+    """about: what the model is (runtime/about.py's describe), in /stats for the chat page to say once."""
     defaults = defaults or Defaults()
     app = FastAPI(title="mixtral-lite", docs_url=None, redoc_url=None)
     metrics = Metrics(lambda: scheduler.queue_length, lambda: scheduler.running, lambda: _expert_stats(scheduler))
@@ -72,11 +76,18 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
     async def stats():
         s = scheduler.session
         return {"queue_length": scheduler.queue_length, "running": scheduler.running,
-                "prefill_tokens_saved": s.prefill_saved if s else 0, **(_expert_stats(scheduler) or {})}
+                "prefill_tokens_saved": s.prefill_saved if s else 0, "model": {"id": model_name, **(about or {})},
+                **(_expert_stats(scheduler) or {})}
 
     @app.get("/")
     async def page():
-        return HTMLResponse(resources.files("mixtral_lite").joinpath("static/chat.html").read_text("utf-8"))
+        return HTMLResponse(_static("chat.html"))
+
+    @app.get("/favicon.ico")  # browsers ask for it whatever the page links; an SVG under that name
+    @app.get("/favicon.svg")
+    async def favicon():
+        return Response(_static("favicon.svg"), media_type="image/svg+xml",
+                        headers={"Cache-Control": "max-age=86400"})
 
     @app.get("/v1/models", dependencies=keyed)
     async def models():
@@ -101,7 +112,8 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
 class CountRequests:
     """ASGI middleware: count every answered request by endpoint and status (streams included)."""
 
-    PATHS = {"/", "/health", "/metrics", "/stats", "/v1/models", "/v1/chat/completions", "/v1/completions"}
+    PATHS = {"/", "/favicon.ico", "/favicon.svg", "/health", "/metrics", "/stats", "/v1/models",
+             "/v1/chat/completions", "/v1/completions"}
 
     def __init__(self, app, counter):
         self.app, self.counter = app, counter
@@ -120,6 +132,10 @@ class CountRequests:
         finally:  # unknown paths share one label: a scanner must not grow the metrics without bound
             path = scope["path"] if scope["path"] in self.PATHS else "other"
             self.counter.labels(path, str(status[0])).inc()
+
+
+def _static(name: str) -> str:
+    return resources.files("mixtral_lite").joinpath("static", name).read_text("utf-8")
 
 
 def _check_key(request: Request, api_key: str | None) -> None:
@@ -179,21 +195,21 @@ async def _answer(scheduler: Scheduler, req: Sampling, ids: list[int], model_nam
             "model": model_name}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_sse(job, meta, chat, include_usage), media_type="text/event-stream",
+        return StreamingResponse(_sse(scheduler, job, meta, chat, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         pieces = []
         while (item := await job.out.get()) is not DONE:
             pieces.append(item)
     finally:
-        gen.cancelled.set()  # no-op when finished; stops generation if this handler was cancelled
+        scheduler.cancel(job)  # no-op when finished; stops generation if this handler was cancelled
     text = "".join(pieces)
     body = {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
     return {**meta, "object": "chat.completion" if chat else "text_completion",
             "choices": [{"index": 0, **body, "finish_reason": _reason(gen)}], "usage": _usage(gen)}
 
 
-async def _sse(job: Job, meta: dict, chat: bool, include_usage: bool):
+async def _sse(scheduler: Scheduler, job: Job, meta: dict, chat: bool, include_usage: bool):
     """Server-sent events: chunks, the finish chunk, an optional usage chunk, then [DONE]."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -216,7 +232,7 @@ async def _sse(job: Job, meta: dict, chat: bool, include_usage: bool):
             yield chunk([], usage=_usage(job.gen))
         yield "data: [DONE]\n\n"
     finally:
-        job.gen.cancelled.set()  # the client left (or we finished): generation stops at the next token
+        scheduler.cancel(job)  # the client left (or we finished): generation stops at the next token
 
 
 def _reason(gen: Generation) -> str:
@@ -261,7 +277,10 @@ def main(argv: list[str] | None = None) -> None:
         os._exit(1)  # the HTTP side must not keep answering "loading" forever
 
     scheduler = Scheduler(load, args.max_queue, args.max_batch, on_load_error=load_failed)
-    app = create_app(scheduler, name, args.api_key)
+    about = describe(plan.model_dir, plan.config, plan.window)
+    if about["note"]:
+        print(f"note: {about['note']}", file=sys.stderr)
+    app = create_app(scheduler, name, args.api_key, about=about)
     sock = socket.create_server((args.host, args.port))  # bound here so --port 0 can print the real port
     port = sock.getsockname()[1]
     print(f"mixtral-lite-server: http://{args.host}:{port}/ (model {name})", file=sys.stderr, flush=True)
