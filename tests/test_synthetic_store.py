@@ -15,7 +15,7 @@ from safetensors import safe_open
 from mixtral_lite.generation.decode import generate
 from mixtral_lite.runtime import offloading
 from mixtral_lite.runtime.load import load_model
-from offload.quant import _PACK, QuantSpec, quantize_matrix
+from offload.quant import QuantSpec, pack_codes, quantize_matrix
 from offload.store import StoreError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def test_fast_rtn_matches_the_plain_formula(bits, group):
                                  for p in ("scale", "zero"))  # the 8-bit metadata as stored
     assert torch.allclose(stored_scale, scale, rtol=0.01, atol=scale.max().item() / 255)
     codes = torch.round(wg / stored_scale + stored_zero).clamp(0, 2**bits - 1)
-    assert torch.equal(got["m.q"], _PACK[bits](codes))
+    assert torch.equal(got["m.q"], pack_codes(codes, bits))
 
 
 def test_reuse_experts_writes_one_expert_everywhere_and_loads(tmp_path):
