@@ -287,11 +287,10 @@ CONFIGS = {
                                                                                              profile=True)),
                 ("K=4 read, graphs", dict(slots=4, profile=True)), ("K=4 copy (before)", dict(slots=4, miss="copy"))],
     "full": [("resident, graphs", dict(slots=8, profile=True)),
-             ("resident, eager", dict(slots=8, graphs=False, tokens=24)),
+             ("11 GiB read, graphs, real routing", dict(device_memory=11, trace=True)),
              ("11 GiB read, graphs, random routing", dict(device_memory=11, profile=True)),
-             ("11 GiB read, graphs, real routing", dict(device_memory=11, trace=True, profile=True)),
              ("11 GiB copy (before), real routing", dict(device_memory=11, miss="copy", trace=True, tokens=16)),
-             ("11 GiB copy (before), random routing", dict(device_memory=11, miss="copy", tokens=16))],
+             ("resident, eager", dict(slots=8, graphs=False, tokens=24))],
 }
 
 

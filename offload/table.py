@@ -297,7 +297,8 @@ class TableEngine:
                 "bytes_read_in_place": c["bytes_read_in_place"], "bytes_copied": c["bytes_copied"],
                 "bytes_per_token": moved / c["tokens"] if c["tokens"] else None,
                 "device_expert_bytes": self.cache.allocated_bytes, "expert_bytes": self.store.layout.nbytes,
-                "miss_policy": "read in place"}
+                "stall_s": 0.0,  # a step never waits for a copy: a miss is read where it is
+                "prefetch_recall": None, "miss_policy": "read"}
 
     def close(self) -> None:
         if self.copy_stream is not None:
