@@ -233,6 +233,9 @@ def test_files_named_in_one_line(mixtral_ref, tmp_path, capsys):
     (tmp_path / "plain").write_text("x")
     assert "is a file, not a model folder" in one_line_error(capsys, generate_main,
                                                              ["-m", tmp_path / "plain", "-p", "x"])
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    line = one_line_error(capsys, generate_main, ["-m", tmp_path / "model.gguf", "-p", "x"])
+    assert "is a GGUF file, which mixtral-lite does not read" in line
 
 
 def test_quantize_offers_every_quantization_method(capsys):

@@ -177,6 +177,9 @@ def check_model_dir(path: Path) -> None:
     if not path.exists():
         raise fail(f"-m/--model: {path} does not exist")
     if not path.is_dir():
+        if path.suffix.lower() == ".gguf":
+            raise fail(f"-m/--model: {path} is a GGUF file, which mixtral-lite does not read (yet): give a Hugging "
+                       "Face checkpoint folder or a store made by tools/quantize_experts.py")
         raise fail(f"-m/--model: {path} is a file, not a model folder")
     if not os.access(path, os.R_OK | os.X_OK):
         raise fail(f"-m/--model: {path}: permission denied (the folder is not readable)")

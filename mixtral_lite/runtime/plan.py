@@ -70,7 +70,10 @@ def plan_load(args, *, show_cache_on_cpu: bool = False) -> LoadPlan:
     with show_cache_on_cpu (the chat and the server)."""
     model_dir = args.model or default_model_path()
     if not (model_dir / "config.json").is_file():
-        raise SystemExit(f"error: -m/--model: {model_dir} is not a model folder (no config.json)")
+        what = ("a GGUF file, which mixtral-lite does not read (yet): give a Hugging Face checkpoint folder or a "
+                "quantized store" if model_dir.suffix.lower() == ".gguf" and model_dir.is_file() else
+                "not a model folder (no config.json)")
+        raise SystemExit(f"error: -m/--model: {model_dir} is {what}")
     config = ModelConfig.from_dir(model_dir)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, config, device)
