@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .. import default_model_path
-from ..runtime.flags import NON_NEGATIVE, add_model_args, add_sampling_args, resolve_seed
+from ..runtime.flags import NON_NEGATIVE, POSITIVE, add_model_args, add_sampling_args, positive_float, resolve_seed
 from .front_door import (
     Terminated,
     add_version,
@@ -43,7 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record every (token, layer) expert choice and prefetch guess as jsonl")
     p.add_argument("--dry-run", action="store_true",
                    help="print the memory plan (dense, KV cache, expert slots, host RAM) without loading weights")
+    g = p.add_argument_group("--dry-run planning")
+    g.add_argument("--bits", type=int, choices=(2, 3, 4, 8),
+                   help="plan the store tools/quantize_experts.py --bits N would make from -m (config.json is "
+                        "enough; the quantizer's default dense settings)")
+    g.add_argument("--group-size", type=POSITIVE, help="with --bits: weights per scale/zero (default: the quantizer's)")
+    g.add_argument("--cards", type=card_sizes, nargs="?", const=CARDS, metavar="GB,...",
+                   help="also plan each card size, on CUDA (GiB, as --device-memory; default 8,12,16,24)")
     return p
+
+
+CARDS = (8.0, 12.0, 16.0, 24.0)  # = runtime.dry_run.CARDS, without importing torch
+
+
+def card_sizes(text: str) -> tuple[float, ...]:
+    """argparse type: GiB sizes separated by commas, each a finite number > 0."""
+    try:
+        return tuple(positive_float(t) for t in text.split(","))
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e} (give GiB sizes like 8,12,16)") from None
 
 
 def read_prompt(args) -> str:
@@ -81,9 +99,10 @@ def _main(args) -> None:
     except ValueError as e:
         raise fail(str(e)) from None
 
-    plan = plan_load(args)  # the flags end here: below, only the plan and this command's own options
+    check_planning_flags(args)
+    plan = plan_load(args, planning=args.dry_run)  # the flags end here: below, the plan and this command's options
     if args.dry_run:
-        return _dry_run(plan, args.stats_json)
+        return _dry_run(plan, args)
     from ..runtime.device import set_threads
 
     threads = set_threads(plan.threads)
@@ -127,6 +146,7 @@ def _generate(args, plan, tok, ids: list[int], window: int, threads: int) -> Non
     if model.experts is not None:
         stats |= model.experts.stats()
     print(format_stats(stats), file=sys.stderr)
+    stats["plan"] = model.plan_figures  # what --dry-run prints for the same flags
     if args.stats_json:
         write_json_atomic(args.stats_json, stats)
     if stats["interrupted"]:
@@ -153,14 +173,36 @@ def plan_window(args, cfg, prompt_tokens: int) -> int:
     return max(1, min(cfg.sliding_window or args.ctx_size, total))
 
 
-def _dry_run(plan, stats_json: Path | None) -> None:
-    from ..runtime.dry_run import figures, format_figures
+def check_planning_flags(args) -> None:
+    """--bits, --group-size and --cards plan; they load nothing, so only --dry-run takes them."""
+    given = [f for f, v in (("--bits", args.bits), ("--group-size", args.group_size), ("--cards", args.cards))
+             if v is not None]
+    if given and not args.dry_run:
+        raise fail(f"{given[0]}: only with --dry-run (a store is made by tools/quantize_experts.py)")
+    if args.group_size is not None and args.bits is None:
+        raise fail("--group-size: only with --bits (a store's own group size is in its manifest)")
+    if args.cards is not None:
+        if args.device == "cpu":
+            raise fail("--cards plans CUDA cards: drop --device cpu")
+        if args.experts_per_layer is not None:
+            raise fail("--cards chooses the expert slots per card: drop --experts-per-layer")
+        args.device = "cuda"
+
+
+def _dry_run(plan, args) -> None:
+    from ..runtime import sizing
+    from ..runtime.dry_run import cards, figures, format_cards, format_figures
     from ..runtime.runstats import write_json_atomic
 
-    out = figures(plan)
+    planned = sizing.PlannedStore(args.bits, args.group_size) if args.bits is not None else None
+    sz = sizing.sizes(plan, planned)
+    out = figures(plan, sz, sizing.place(plan, sz))
     print(format_figures(out))
-    if stats_json:
-        write_json_atomic(stats_json, out)
+    if args.cards is not None:
+        out["cards"] = cards(plan, sz, args.cards)
+        print(format_cards(out["cards"], plan.config.num_experts))
+    if args.stats_json:
+        write_json_atomic(args.stats_json, out)
 
 
 def run(model, tok, ids: list[int], args, device, window: int) -> dict:

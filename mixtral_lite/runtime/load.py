@@ -1,7 +1,8 @@
 """The one way in: a plan (runtime/plan.py) becomes a loaded model, its experts where the plan put them.
 
     plan = plan_load(args)          # every front end: the flags, read and checked once
-    model = load(plan)              # generate, perplexity: model + ExpertProvider (+ OffloadEngine)
+    model = load(plan)              # generate, perplexity: sizes and placement (sizing.py, as --dry-run
+                                    # prints them), then model + ExpertProvider (+ OffloadEngine)
     session = open_session(plan)    # chat, server: the same model in a Session (KV reuse, batching)
 
 `load_model(path, ...)` is the same load from Python without flags (README's example): every expert
@@ -20,13 +21,20 @@ from ..model.build import build_model
 from ..model.qstore import is_quantized_store
 from ..model.tokenizer import Tokenizer
 from ..model.transformer import Transformer
-from . import offloading
+from . import offloading, sizing
+from .dry_run import figures
 from .plan import LoadPlan
 
 
 def load(plan: LoadPlan) -> Transformer:
-    """The model the plan describes, its experts behind the provider the plan chose."""
-    return load_model(plan.model_dir, device=plan.device, dtype=plan.dtype, experts=offloading.build(plan))
+    """The model the plan describes, its experts where the planner (runtime/sizing.py) put them; the planned
+    figures, the ones --dry-run prints for the same flags, are kept as `model.plan_figures`."""
+    sz = sizing.sizes(plan)
+    placement = sizing.place(plan, sz)
+    model = load_model(plan.model_dir, device=plan.device, dtype=plan.dtype,
+                       experts=offloading.build(plan, placement))
+    model.plan_figures = figures(plan, sz, placement)
+    return model
 
 
 def open_session(plan: LoadPlan) -> Session:
