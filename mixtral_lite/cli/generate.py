@@ -101,8 +101,12 @@ def _main(args) -> None:
 
     check_planning_flags(args)
     plan = plan_load(args, planning=args.dry_run)  # the flags end here: below, the plan and this command's options
+    from ..runtime import sizing
+
+    planned = sizing.PlannedStore(args.bits, args.group_size) if args.bits is not None else None
+    decided = sizing.decide(plan, planned)  # the dry run's figures and the run's placement: the same call
     if args.dry_run:
-        return _dry_run(plan, args)
+        return _dry_run(plan, decided, args)
     from ..runtime.device import set_threads
 
     threads = set_threads(plan.threads)
@@ -119,10 +123,10 @@ def _main(args) -> None:
               "ids without a piece are never sampled", file=sys.stderr)
     ids = tok.encode_chat([{"role": "user", "content": text}]) if args.chat else tok.encode(text)
     window = plan_window(args, cfg, len(ids))
-    _generate(args, plan, tok, ids, window, threads)
+    _generate(args, plan, decided, tok, ids, window, threads)
 
 
-def _generate(args, plan, tok, ids: list[int], window: int, threads: int) -> None:
+def _generate(args, plan, decided, tok, ids: list[int], window: int, threads: int) -> None:
     from ..runtime.load import load
     from ..runtime.runstats import format_stats, write_json_atomic
     from ..runtime.tracing import trace_model
@@ -130,7 +134,7 @@ def _generate(args, plan, tok, ids: list[int], window: int, threads: int) -> Non
     t0 = time.perf_counter()
     print(f"load: {plan.model_dir} ({_folder_mib(plan.model_dir):.0f} MiB on disk) on {plan.device}, "
           f"{str(plan.dtype).removeprefix('torch.')} ...", file=sys.stderr, flush=True)
-    model = load(plan)
+    model = load(plan, decided)
     load_s = time.perf_counter() - t0
     if model.kernel_notes:  # which kernels the quantized weights run on, chosen once at load
         print("kernels: " + ", ".join(f"{k} {v}" for k, v in model.kernel_notes.items()), file=sys.stderr)
@@ -189,14 +193,12 @@ def check_planning_flags(args) -> None:
         args.device = "cuda"
 
 
-def _dry_run(plan, args) -> None:
-    from ..runtime import sizing
+def _dry_run(plan, decided, args) -> None:
     from ..runtime.dry_run import cards, figures, format_cards, format_figures
     from ..runtime.runstats import write_json_atomic
 
-    planned = sizing.PlannedStore(args.bits, args.group_size) if args.bits is not None else None
-    sz = sizing.sizes(plan, planned)
-    out = figures(plan, sz, sizing.place(plan, sz))
+    sz, placement = decided
+    out = figures(plan, sz, placement)
     print(format_figures(out))
     if args.cards is not None:
         out["cards"] = cards(plan, sz, args.cards)

@@ -26,20 +26,19 @@ from .dry_run import figures
 from .plan import LoadPlan
 
 
-def load(plan: LoadPlan) -> Transformer:
-    """The model the plan describes, its experts where the planner (runtime/sizing.py) put them; the planned
-    figures, the ones --dry-run prints for the same flags, are kept as `model.plan_figures`."""
-    sz = sizing.sizes(plan)
-    placement = sizing.place(plan, sz)
+def load(plan: LoadPlan, decided: tuple[sizing.Sizes, sizing.Placement] | None = None) -> Transformer:
+    """The model the plan describes, its experts where the planner put them (`decided`: sizing.decide(plan),
+    made here when not given); the planned figures, the ones --dry-run prints, are kept as `model.plan_figures`."""
+    sz, placement = decided or sizing.decide(plan)
     model = load_model(plan.model_dir, device=plan.device, dtype=plan.dtype,
                        experts=offloading.build(plan, placement))
     model.plan_figures = figures(plan, sz, placement)
     return model
 
 
-def open_session(plan: LoadPlan) -> Session:
+def open_session(plan: LoadPlan, decided: tuple[sizing.Sizes, sizing.Placement] | None = None) -> Session:
     """load(plan) in a Session over the plan's KV window and prefill chunk."""
-    return Session(load(plan), Tokenizer.from_dir(plan.model_dir), plan.window, chunk=plan.chunk)
+    return Session(load(plan, decided), Tokenizer.from_dir(plan.model_dir), plan.window, chunk=plan.chunk)
 
 
 def load_model(path, *, device="cpu", dtype: torch.dtype = torch.float32, experts=None,

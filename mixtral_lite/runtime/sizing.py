@@ -1,5 +1,6 @@
 """The one planner behind a run and `--dry-run`: what a plan's pieces weigh and where the plan puts them.
 
+    decide(plan, planned)  both below, before anything loads
     sizes(plan, planned)   Sizes: the dense weights on the device, one expert in a slot and in its host home,
                            the codec's scratch; from config.json, manifest.json and safetensors headers (no
                            weight is read), or, for a store not made yet (--dry-run --bits N), from the
@@ -94,7 +95,10 @@ def sizes(plan: LoadPlan, planned: PlannedStore | None = None) -> Sizes:
         where = plan.model_dir / MANIFEST
         fmt, kinds, source = expert_format(man, cfg, where), dense_kinds(man, where), "store"
     else:
-        spec = default_spec(planned.bits, planned.group_size)
+        try:
+            spec = default_spec(planned.bits, planned.group_size)
+        except ValueError as e:
+            raise SystemExit(f"error: --bits {planned.bits} --group-size {planned.group_size}: {e}") from None
         fmt = _planned_format(plan, spec)
         kinds = {n: k for n in expected_shapes(cfg) if (k := dense_kind(n, spec, default_dense())) is not None}
         source = "planned store"
@@ -174,6 +178,12 @@ def _store_experts(fmt: ExpertFormat, source: str, dense: int, device: torch.dev
     stand_in = SimpleNamespace(scratch_bytes=lambda: scratch, slot_layout=slot, layout=fmt.layout)
     scratch = scratch_bytes(stand_in, SimpleNamespace(layout=fmt.layout), device)
     return Sizes(source, dense, slot.nbytes, fmt.layout.nbytes, scratch, kind, note)
+
+
+def decide(plan: LoadPlan, planned: PlannedStore | None = None) -> tuple[Sizes, Placement]:
+    """sizes, then place: what a run and --dry-run both call once the plan is made, before anything loads."""
+    sz = sizes(plan, planned)
+    return sz, place(plan, sz)
 
 
 def place(plan: LoadPlan, sz: Sizes) -> Placement:
