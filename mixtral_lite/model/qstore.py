@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from offload.fused import FusedCodec, fused_unsupported, kernel_layout, output_matrices
+from offload.fused import FusedCodec, fused_unsupported, kernel_layout, output_matrices, rows_unsupported
 from offload.kernels import CpuInt4Layout
 from offload.packing import Layout
 from offload.prepacked import PACKINGS, PrepackedCodec, prepack_unsupported, stored_cpu_layout
@@ -188,6 +188,14 @@ def dense_kinds(man: dict, where: Path) -> dict[str, tuple[str, QuantSpec | None
         raise CheckpointError(f"{where}: the dense entry is malformed ({type(e).__name__}: {e})") from None
 
 
+def rows_unavailable(matrices: dict[str, tuple[int, int]], spec: QuantSpec, cpu_layout) -> str | None:
+    """Why these experts cannot be held in the int4-rows layout the CUDA table kernels read (None: they can)."""
+    why = rows_unsupported(matrices, spec)
+    if why is None and cpu_layout is not None:
+        why = prepack_unsupported(matrices, spec, "cpu", STACK)
+    return why
+
+
 class QStore:
     """A quantized store: dense tensors like `Checkpoint`, experts for the offload engine."""
 
@@ -312,6 +320,17 @@ class QStore:
             return FusedCodec(self.matrices, self.spec, device, stack=STACK)
         self.codec_note = f"dequantize-then-multiply ({why})"
         return HQQCodec(self.matrices, self.spec, device, dtype)
+
+    def rows_codec(self, device: torch.device | str) -> FusedCodec | PrepackedCodec | None:
+        """A codec converting the stored experts into the int4-rows layout the CUDA table kernels read
+        (offload/rows.py), or None when these experts cannot be held in it (`rows_note` says why)."""
+        why = rows_unavailable(self.matrices, self.spec, self.cpu_layout) if self.fused else "asked for"
+        if why:
+            self.rows_note = why
+            return None
+        if self.cpu_layout is not None:
+            return PrepackedCodec(self.matrices, self.spec, device, STACK, self.cpu_layout, rows=True)
+        return FusedCodec(self.matrices, self.spec, device, stack=STACK, rows=True)
 
 
 def open_store(path: str | Path, fused: bool = True) -> QStore:

@@ -35,7 +35,7 @@ def figures(plan: LoadPlan, sz: Sizes, placement: Placement) -> dict:
         slot = 3 * cfg.intermediate_size * cfg.hidden_size * dtype.itemsize if resident else sz.slot
         k, all_host = placement.k, cfg.num_layers * cfg.num_experts * sz.host
         expert_bytes = None if k is None else cfg.num_layers * k * slot
-        ram = placement.experts == "offloaded" and placement.store == "ram"
+        ram = placement.experts in ("offloaded", "table") and placement.store == "ram"
         host = all_host if ram else 0
         out |= {"experts": placement.experts, "experts_per_layer": k, "num_experts": cfg.num_experts,
                 "store": placement.store, "codec": sz.codec, "expert_slot_bytes": slot,
@@ -104,6 +104,8 @@ def _expert_line(plan: dict) -> str:
     if plan["experts"] == "cached":
         return (f"{_size(plan['device_expert_bytes'])} (all {plan['num_experts']} per layer, converted once, "
                 f"{each}; read through the mapped store)")
+    if plan["experts"] == "table":
+        each += "; misses read in place from pinned host copies by the CUDA table kernels"
     if plan["experts_per_layer"] is None:
         return (f"chosen at load from the free device memory ({each}; give --device-memory GB to plan them); "
                 f"store: {plan['store']}")

@@ -33,6 +33,7 @@ def load(plan: LoadPlan, decided: tuple[sizing.Sizes, sizing.Placement] | None =
     model = load_model(plan.model_dir, device=plan.device, dtype=plan.dtype,
                        experts=offloading.build(plan, placement))
     model.plan_figures = figures(plan, sz, placement)
+    model.cuda_graphs = plan.cuda_graphs  # read by model/static_step.decode_step
     return model
 
 

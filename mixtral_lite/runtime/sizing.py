@@ -5,9 +5,10 @@
                            the codec's scratch; from config.json, manifest.json and safetensors headers (no
                            weight is read), or, for a store not made yet (--dry-run --bits N), from the
                            quantizer's settings (model/qplan.py)
-    place(plan, sizes)     Placement: experts resident, cached (every one converted once) or offloaded into K
-                           slots per layer (--experts-per-layer, --device-memory, or the free CUDA memory at
-                           load), their host home (--store); one-line errors naming the flag
+    place(plan, sizes)     Placement: experts resident, cached (every one converted once), or in K slots per
+                           layer (--experts-per-layer, --device-memory, or the free CUDA memory at load) of the
+                           offload engine or, on CUDA for a store, the table engine (misses read in place from
+                           pinned host copies); their host home (--store); one-line errors naming the flag
 
 A run (runtime/load.py) loads what these two decide; `--dry-run` prints them (runtime/dry_run.py). The
 sizes are the loader's own: tests/test_dry_run.py checks them against what a loaded model allocates.
@@ -22,11 +23,13 @@ from types import SimpleNamespace
 
 import torch
 
+from offload import triton_moe
 from offload.codec import PlainCodec
 from offload.fused import FusedCodec, kernel_layout
 from offload.packing import Layout
 from offload.prepacked import PrepackedCodec
 from offload.quant import HQQCodec, expert_layout
+from offload.rows import scratch_bytes as rows_scratch_bytes
 
 from ..model.checkpoint import CheckpointError, expected_shapes, expert_name, shard_map
 from ..model.config import DTYPES
@@ -40,8 +43,10 @@ from ..model.qstore import (
     expert_format,
     expert_matrices,
     read_manifest,
+    rows_unavailable,
 )
 from .budget import DevicePlan, choose_slots, dense_bytes
+from .flags import READ
 from .offloading import ROLES, STACKED_ORDER, scratch_bytes
 from .plan import LoadPlan
 
@@ -63,7 +68,7 @@ class Sizes:
     slot: int = 0  # one expert as a device slot (or a resident expert) holds it
     host: int = 0  # one expert in its host home: what crosses the bus per miss
     scratch: int = 0  # codec scratch and device staging beside the slots
-    codec: str = ""  # "plain", "fused", "prepacked" or "dequantize"
+    codec: str = ""  # "plain", "fused", "prepacked", "dequantize" or "rows" (CUDA table kernels, offload/table.py)
     note: str = ""
 
     @property
@@ -73,7 +78,8 @@ class Sizes:
 
 @dataclass(frozen=True)
 class Placement:
-    experts: str  # "none" (dense model), "resident", "cached" (every expert converted once) or "offloaded"
+    experts: str  # "none" (dense model), "resident", "cached" (every expert converted once), "offloaded" (the
+    # offload engine: misses copied into slots or run on the host) or "table" (misses read in place, CUDA)
     k: int | None = None  # slots per layer; None: from the free CUDA memory once the dense weights are loaded
     store: str | None = None  # the host home of offloaded experts: "ram" or "mmap"
     budget: DevicePlan | None = None  # the --device-memory plan K came from
@@ -86,6 +92,9 @@ def sizes(plan: LoadPlan, planned: PlannedStore | None = None) -> Sizes:
     if planned is not None and is_store:
         raise SystemExit(f"error: --bits: {plan.model_dir} is already a quantized store (drop --bits)")
     probe, note = _probe(device)
+    if plan.experts.miss_policy == READ and not (device.type == "cuda" and (is_store or planned) and cfg.is_moe):
+        raise SystemExit("error: --miss-policy read: needs --device cuda and a quantized store "
+                         "(tools/quantize_experts.py)")
     if not is_store and planned is None:
         if not cfg.is_moe:
             return Sizes("checkpoint", dense_bytes(cfg, dtype), note=note)
@@ -105,7 +114,34 @@ def sizes(plan: LoadPlan, planned: PlannedStore | None = None) -> Sizes:
     dense = dense_device_bytes(cfg, kinds, dtype, probe)
     if fmt is None:
         return Sizes(source, dense, note=note)
+    why = _table_unavailable(plan, fmt)
+    if why is None:
+        return _table_experts(fmt, source, dense, note)
     return _store_experts(fmt, source, dense, device, probe, dtype, note)
+
+
+def _table_unavailable(plan: LoadPlan, fmt: ExpertFormat) -> str | None:
+    """Why the CUDA table engine (offload/table.py) will not serve these experts, decided as
+    runtime/offloading.table_engine decides it (None: it will). --miss-policy read without it is an error."""
+    e = plan.experts
+    if plan.device.type != "cuda" or e.miss_policy not in (None, READ):
+        return "not on CUDA, or another --miss-policy"
+    why = triton_moe.self_check(plan.device) if torch.cuda.is_available() else None
+    why = why or rows_unavailable(fmt.matrices, fmt.spec, fmt.cpu_layout)
+    if why is None and e.store == "mmap":
+        why = "--store mmap: the kernels read missed experts from pinned RAM (the converted copies)"
+    if why and e.miss_policy == READ:
+        raise SystemExit(f"error: --miss-policy read: {why}")
+    return why
+
+
+def _table_experts(fmt: ExpertFormat, source: str, dense: int, note: str) -> Sizes:
+    """Experts in the int4-rows layout: in K device slots, the others as pinned host copies read in place."""
+    codec = (PrepackedCodec(fmt.matrices, fmt.spec, "cpu", STACK, fmt.cpu_layout, rows=True) if fmt.cpu_layout
+             else FusedCodec(fmt.matrices, fmt.spec, "cpu", stack=STACK, rows=True))  # the layout is every device's
+    slot = codec.slot_layout.nbytes
+    scratch = rows_scratch_bytes(codec.out_shapes) + slot + fmt.layout.nbytes  # as offloading.table_engine plans
+    return Sizes(source, dense, slot, slot, scratch, "rows", note)
 
 
 def _probe(device: torch.device) -> tuple[torch.device, str]:
@@ -197,6 +233,8 @@ def place(plan: LoadPlan, sz: Sizes) -> Placement:
         budget = choose_slots(cfg, plan.dtype, sz.slot, window=plan.window, chunk=plan.chunk, device=plan.device,
                               scratch=sz.scratch, gib=e.device_memory, dense=sz.dense)
         k = budget.k
+    if sz.codec == "rows":  # no host copies when every expert has its slot
+        return Placement("table", k, home if k is None or k < n else None, budget)
     cacheable = sz.store and sz.codec in ("fused", "prepacked")
     if not sz.store and k in (None, n) and e.store is None and budget is None:
         return Placement("resident", n)
