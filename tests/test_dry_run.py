@@ -142,13 +142,52 @@ def test_plan_from_config_json_alone_for_any_device(tmp_path, capsys):
                    "--stats-json", str(f)])
     plan = json.loads(f.read_text())
     assert plan["device"] == "cuda" and plan["dtype"] == "bfloat16" and plan["source"] == "planned store"
-    assert plan["experts_per_layer"] == 2 and plan["codec"] == "fused"
+    assert plan["experts_per_layer"] == 2 and plan["codec"] == "rows" and plan["experts"] == "table"
     # README's figures: a slot holds 4-bit codes + bf16 scale/zero (94.5 MiB at g64); the dense weights 0.95 GiB
     assert plan["expert_slot_bytes"] == 14336 * 4096 * 3 // 2 + 14336 * 4096 * 3 // 64 * 4
     assert round(plan["dense_bytes"] / GIB, 2) == 0.95
     assert plan["device_total_bytes"] <= 11 * GIB
+    assert plan["pinned_bytes"] == 32 * 8 * plan["expert_slot_bytes"]  # the converted copies misses are read from
     out = capsys.readouterr().out
     assert "planned store" in out and "2 of 8 per layer" in out
+    generate_main(["-m", str(cfg), "--dry-run", "--bits", "4", "--device", "cuda", "--device-memory", "11",
+                   "--miss-policy", "copy", "--stats-json", str(f)])
+    copy = json.loads(f.read_text())
+    assert copy["codec"] == "fused" and copy["experts"] == "offloaded"
+    assert copy["expert_slot_bytes"] == plan["expert_slot_bytes"]  # torch's CUDA int4 layout: the same bytes
+    assert copy["pinned_bytes"] == 32 * 8 * copy["expert_host_bytes"]  # the packed store, pinned
+
+
+@pytest.mark.parametrize("name", ["q4", "prepacked"])
+def test_table_engine_sizes(sources, name):
+    """A store planned for CUDA runs on the table engine: its slots, pinned copies and staging, measured on an
+    engine built on the CPU the way runtime/offloading.table_engine builds it."""
+    from mixtral_lite.model.qstore import open_store
+    from offload.rows import scratch_bytes as rows_scratch_bytes
+    from offload.table import TableEngine
+
+    if name not in sources:
+        pytest.skip("this CPU writes no --prepack store")
+    plan = plan_load(build_parser().parse_args(["-m", str(sources[name]), "-c", "64", "--experts-per-layer", "2",
+                                                "--device", "cuda"]), planning=True)
+    sz, placement = sizing.decide(plan)
+    assert (sz.codec, placement.experts, placement.k, placement.store) == ("rows", "table", 2, "ram")
+    store = open_store(sources[name])
+    codec = store.rows_codec("cpu")
+    eng = TableEngine(store.expert_store("mmap"), codec, 2, "cpu", top_k=2, moe=object())
+    assert eng.cache.nbytes == sz.slot and eng.host[0][0].numel() == sz.host
+    assert sz.scratch == eng._scratch.numel() + eng._rows_staging.numel() + rows_scratch_bytes(codec.out_shapes)
+    assert figures(plan, sz, placement)["pinned_bytes"] == sum(b.numel() for row in eng.host for b in row)
+
+
+def test_miss_policy_read_needs_cuda_and_a_store(sources, capsys):
+    for path, device in ((sources["q4"], "cpu"), (sources["fp32"], "cuda")):
+        with pytest.raises(SystemExit):
+            generate_main(["-m", str(path), "--dry-run", "--device", device, "--miss-policy", "read"])
+        assert "--miss-policy read: needs --device cuda and a quantized store" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        generate_main(["-m", str(sources["q8"]), "--dry-run", "--device", "cuda", "--miss-policy", "read"])
+    assert "--miss-policy read: 8-bit codes" in capsys.readouterr().err
 
 
 def test_cards_agree_with_device_memory(tmp_path, capsys):
