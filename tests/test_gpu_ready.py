@@ -95,13 +95,13 @@ def test_pinning_failure_falls_back_to_pageable_with_a_warning(ckpt):
 def test_cuda_without_flags_takes_the_budget_path(mixtral_ref):
     """No K and no --device-memory on CUDA: a store's K is left to the free memory at load (no CUDA call yet);
     a Hugging Face checkpoint keeps every expert resident, on either device."""
-    from mixtral_lite.runtime.sizing import Sizes, place
+    from mixtral_lite.runtime.sizing import Sizes, decide, place
 
     _, path = mixtral_ref
     cfg = ModelConfig.from_dir(path)
     cpu, cuda = (LoadPlan(path, cfg, torch.device(d), t, 4096, 512) for d, t in (("cpu", torch.float32),
                                                                                 ("cuda", torch.bfloat16)))
-    assert offloading.build(cpu) is None and offloading.build(cuda) is None
+    assert offloading.build(cpu, decide(cpu)[1]) is None and offloading.build(cuda, decide(cuda)[1]) is None
     store = Sizes("store", 1 << 20, slot=1 << 16, host=1 << 15, codec="fused")
     assert place(cuda, store).experts == "offloaded" and place(cuda, store).k is None
     assert offloading.build(cuda, place(cuda, store)) is not None

@@ -11,7 +11,7 @@ import torch
 
 from mixtral_lite.generation.decode import generate
 from mixtral_lite.model.config import ModelConfig
-from mixtral_lite.runtime import budget, offloading
+from mixtral_lite.runtime import budget, offloading, sizing
 from mixtral_lite.runtime.flags import add_model_args, live_policies
 from mixtral_lite.runtime.load import load_model
 from mixtral_lite.runtime.plan import plan_load
@@ -87,7 +87,8 @@ def parse(*argv: str):
 
 def build(path, *argv: str):
     """The experts factory generate would load `path` with, on the CPU, given these flags."""
-    return offloading.build(plan_load(parse("-m", str(path), "--device", "cpu", *argv)))
+    plan = plan_load(parse("-m", str(path), "--device", "cpu", *argv))
+    return offloading.build(plan, sizing.decide(plan)[1])
 
 
 def test_build_turns_offloading_on_only_when_asked(mixtral_ref):

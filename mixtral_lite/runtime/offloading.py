@@ -84,13 +84,9 @@ def scratch_bytes(codec, host, device: torch.device) -> int:
     return n
 
 
-def build(plan: LoadPlan, placement=None):
-    """The experts factory for the plan's placement (runtime/sizing.py; made here when not given), or None
-    when every expert stays resident."""
-    if placement is None:
-        from . import sizing  # sizing reads this module's layouts
-
-        placement = sizing.place(plan, sizing.sizes(plan))
+def build(plan: LoadPlan, placement):
+    """The experts factory for the placement the planner chose (runtime/sizing.decide), or None when every
+    expert stays resident."""
     e = plan.experts
     if placement.experts in ("none", "resident"):
         return None
