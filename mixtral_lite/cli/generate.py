@@ -111,18 +111,13 @@ def _main(args) -> None:
 
     threads = set_threads(plan.threads)
     resolve_seed(args, "run")
-    from ..model.tokenizer import Tokenizer
+    from ..runtime.checks import check_kv_memory, open_tokenizer
 
-    cfg, model_dir = plan.config, plan.model_dir
-    tok = Tokenizer.from_dir(model_dir)  # before the model: a missing tokenizer costs no load
-    if tok.vocab_size > cfg.vocab_size:
-        raise fail(f"{model_dir}: tokenizer.model has {tok.vocab_size} pieces but config.json's vocab_size "
-                   f"is {cfg.vocab_size}")
-    if tok.vocab_size < cfg.vocab_size:
-        print(f"note: the model's vocab_size {cfg.vocab_size} exceeds the tokenizer's {tok.vocab_size} pieces; "
-              "ids without a piece are never sampled", file=sys.stderr)
+    cfg = plan.config
+    tok = open_tokenizer(plan)  # before the model: a missing or mismatched tokenizer costs no load
     ids = tok.encode_chat([{"role": "user", "content": text}]) if args.chat else tok.encode(text)
     window = plan_window(args, cfg, len(ids))
+    check_kv_memory(plan, window, flags="-c/--ctx-size and -n/--max-new-tokens")
     _generate(args, plan, decided, tok, ids, window, threads)
 
 
@@ -166,14 +161,11 @@ def _folder_mib(path: Path) -> float:
 def plan_window(args, cfg, prompt_tokens: int) -> int:
     """The KV window: the model's sliding window or -c, never more than the text needs; warns when
     the text outgrows a full-attention window or the trained context."""
+    from ..runtime.checks import context_warnings
+
     total = prompt_tokens + args.max_new_tokens
-    if cfg.sliding_window is None and total > args.ctx_size:
-        print(f"warning: prompt ({prompt_tokens}) + generation ({args.max_new_tokens}) = {total} tokens exceed "
-              f"the KV window (-c {args.ctx_size}) of a model without a sliding window: the oldest tokens drop "
-              "out of attention (an approximation; raise -c to stay exact)", file=sys.stderr)
-    if total > cfg.max_position_embeddings:
-        print(f"warning: {total} tokens pass the model's trained context (max_position_embeddings "
-              f"{cfg.max_position_embeddings}): quality may fall beyond it", file=sys.stderr)
+    for line in context_warnings(cfg, args.ctx_size, prompt_tokens, args.max_new_tokens):
+        print(line, file=sys.stderr)
     return max(1, min(cfg.sliding_window or args.ctx_size, total))
 
 
