@@ -164,7 +164,7 @@ def plan_window(args, cfg, prompt_tokens: int) -> int:
     from ..runtime.checks import context_warnings
 
     total = prompt_tokens + args.max_new_tokens
-    for line in context_warnings(cfg, args.ctx_size, prompt_tokens, args.max_new_tokens):
+    for line in context_warnings(cfg, args.ctx_size, prompt_tokens, args.max_new_tokens).values():
         print(line, file=sys.stderr)
     return max(1, min(cfg.sliding_window or args.ctx_size, total))
 

@@ -34,16 +34,17 @@ def open_tokenizer(plan: LoadPlan) -> Tokenizer:
 
 
 def context_warnings(cfg: ModelConfig, ctx_size: int, prompt_tokens: int, new_tokens: int,
-                     new_flag: str = "generation") -> list[str]:
-    """Warnings for prompt + new tokens beyond a full-attention KV window (-c) or the trained context."""
-    total, out = prompt_tokens + new_tokens, []
+                     new_label: str = "generation") -> dict[str, str]:
+    """{"window" | "trained": warning} for prompt + new tokens beyond a full-attention KV window (-c) or the
+    trained context."""
+    total, out = prompt_tokens + new_tokens, {}
     if cfg.sliding_window is None and total > ctx_size:
-        out.append(f"warning: prompt ({prompt_tokens}) + {new_flag} ({new_tokens}) = {total} tokens exceed the KV "
-                   f"window (-c {ctx_size}) of a model without a sliding window: the oldest tokens drop out of "
-                   "attention (an approximation; raise -c to stay exact)")
+        out["window"] = (f"warning: prompt ({prompt_tokens}) + {new_label} ({new_tokens}) = {total} tokens exceed "
+                         f"the KV window (-c {ctx_size}) of a model without a sliding window: the oldest tokens "
+                         "drop out of attention (an approximation; raise -c to stay exact)")
     if total > cfg.max_position_embeddings:
-        out.append(f"warning: {total} tokens pass the model's trained context (max_position_embeddings "
-                   f"{cfg.max_position_embeddings}): quality may fall beyond it")
+        out["trained"] = (f"warning: {total} tokens pass the model's trained context (max_position_embeddings "
+                          f"{cfg.max_position_embeddings}): quality may fall beyond it")
     return out
 
 
