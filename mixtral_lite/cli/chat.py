@@ -35,12 +35,13 @@ class Chat:
         self.last = None
         self._warned: set[str] = set()  # each context warning once per conversation
 
-    def answer(self, text: str, write=sys.stdout.write):
+    def answer(self, text: str, write=None):
         """Stream the answer to `text`; Ctrl-C (SIGINT) ends it early and keeps what was said. A failed
         answer raises; the conversation keeps what was said before it."""
         from ..generation.session import Generation, Params
         from ..runtime.checks import context_warnings
 
+        write = write or sys.stdout.write
         system = [{"role": "system", "content": self.args.system}] if self.args.system else []
         messages = [*system, *self.history, {"role": "user", "content": text}]
         a = self.args

@@ -338,9 +338,10 @@ def listen(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         return socket.create_server((host, port), family=family)
-    except socket.gaierror as e:
-        raise SystemExit(f"error: --host {host}: not an address this machine can resolve ({e.strerror})") from None
     except OSError as e:
+        if isinstance(e, socket.gaierror) or (e.errno or 0) < 0:  # create_server re-raises getaddrinfo's errors
+            raise SystemExit(f"error: --host {host}: not an address this machine can resolve ({e.strerror})") \
+                from None
         if e.errno == errno.EADDRINUSE:
             raise SystemExit(f"error: --port {port}: {host}:{port} is already in use (another server? --port 0 "
                              "picks a free port)") from None
