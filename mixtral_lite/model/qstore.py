@@ -42,7 +42,7 @@ from offload.qdense import dense_layout, dequantized
 from offload.quant import HQQCodec, QuantSpec, expert_layout, layout_from_dict
 from offload.store import Piece, RamStore, SafetensorsSource, StoreError
 
-from .checkpoint import CheckpointError, expected_shapes
+from .checkpoint import CheckpointError, expected_shapes, header_problem
 from .config import ModelConfig
 from .qplan import DenseSettings, dense_device_bytes
 
@@ -218,7 +218,8 @@ class QStore:
         try:
             self._dense = safe_open(str(self.path / DENSE), framework="pt", device="cpu")
         except Exception as e:  # safetensors has its own error types for corrupt files
-            raise CheckpointError(f"{self.path / DENSE}: not a readable safetensors file ({e})") from None
+            why = header_problem(self.path / DENSE) or str(e).strip().splitlines()[0]
+            raise CheckpointError(f"{self.path / DENSE}: not a readable safetensors file ({why})") from None
         self._expected = {n: s for n, s in expected_shapes(self.config).items() if ".experts." not in n}
         self._check_dense()
 

@@ -63,12 +63,13 @@ class Scheduler:
 
     @property
     def queue_length(self) -> int:
-        return len(self._waiting)
+        """Requests waiting whose client is still there (a cancelled one's place is free at once)."""
+        return sum(not j.gen.cancelled.is_set() for j in list(self._waiting))
 
     def submit(self, job: Job) -> None:
         with self._wake:
             self._drop_cancelled()
-            if len(self._waiting) >= self.max_queue:
+            if len(self._waiting) >= self.max_queue:  # cancelled ones were dropped just above
                 raise QueueFull
             self._waiting.append(job)
             self._wake.notify()
