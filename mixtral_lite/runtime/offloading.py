@@ -153,7 +153,8 @@ def table_engine(cfg: ModelConfig, ckpt, device: torch.device, dtype, slots: int
                  device_memory: float | None, window, chunk, policy: str, store: str, required: bool):
     """A TableEngine (offload/table.py) for a quantized store on CUDA, or None (why printed) where its
     kernels or layout are unavailable here and --miss-policy read was not asked for (then: an error)."""
-    why = triton_moe.self_check(device)
+    why = triton_moe.self_check(device) or triton_moe.shape_unsupported(cfg.hidden_size, cfg.intermediate_size,
+                                                                          ckpt.spec.group_size)
     codec = None if why else ckpt.rows_codec(device)
     if codec is None:
         why = why or getattr(ckpt, "rows_note", "")
