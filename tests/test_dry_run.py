@@ -158,21 +158,26 @@ def test_plan_from_config_json_alone_for_any_device(tmp_path, capsys):
     assert copy["pinned_bytes"] == 32 * 8 * copy["expert_host_bytes"]  # the packed store, pinned
 
 
-@pytest.mark.parametrize("name", ["q4", "prepacked"])
-def test_table_engine_sizes(sources, name):
+@pytest.mark.parametrize("prepack", [False, True])
+def test_table_engine_sizes(sources, prepack, tmp_path):
     """A store planned for CUDA runs on the table engine: its slots, pinned copies and staging, measured on an
-    engine built on the CPU the way runtime/offloading.table_engine builds it."""
+    engine built on the CPU the way runtime/offloading.table_engine builds it (the shipped model's shapes: the
+    kernels take widths that are multiples of 256)."""
     from mixtral_lite.model.qstore import open_store
     from offload.rows import scratch_bytes as rows_scratch_bytes
     from offload.table import TableEngine
 
-    if name not in sources:
-        pytest.skip("this CPU writes no --prepack store")
-    plan = plan_load(build_parser().parse_args(["-m", str(sources[name]), "-c", "64", "--experts-per-layer", "2",
+    path = sources["shipped-q4"]
+    if prepack:
+        if prepack_write_unsupported() is not None:
+            pytest.skip("this CPU writes no --prepack store")
+        path = tmp_path / "pre"
+        assert qe.main([str(default_model_path()), str(path), "--bits", "4", "--method", "rtn", "--prepack"]) == 0
+    plan = plan_load(build_parser().parse_args(["-m", str(path), "-c", "64", "--experts-per-layer", "2",
                                                 "--device", "cuda"]), planning=True)
     sz, placement = sizing.decide(plan)
     assert (sz.codec, placement.experts, placement.k, placement.store) == ("rows", "table", 2, "ram")
-    store = open_store(sources[name])
+    store = open_store(path)
     codec = store.rows_codec("cpu")
     eng = TableEngine(store.expert_store("mmap"), codec, 2, "cpu", top_k=2, moe=object())
     assert eng.cache.nbytes == sz.slot and eng.host[0][0].numel() == sz.host
@@ -187,7 +192,11 @@ def test_miss_policy_read_needs_cuda_and_a_store(sources, capsys):
         assert "--miss-policy read: needs --device cuda and a quantized store" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         generate_main(["-m", str(sources["q8"]), "--dry-run", "--device", "cuda", "--miss-policy", "read"])
-    assert "--miss-policy read: 8-bit codes" in capsys.readouterr().err
+    assert "--miss-policy read: hidden size 64 is not a multiple of 256" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        generate_main(["-m", str(sources["shipped-q4"]), "--dry-run", "--device", "cuda", "--miss-policy", "read",
+                       "--store", "mmap"])
+    assert "--miss-policy read: --store mmap" in capsys.readouterr().err
 
 
 def test_cards_agree_with_device_memory(tmp_path, capsys):

@@ -126,7 +126,9 @@ def _table_unavailable(plan: LoadPlan, fmt: ExpertFormat) -> str | None:
     e = plan.experts
     if plan.device.type != "cuda" or e.miss_policy not in (None, READ):
         return "not on CUDA, or another --miss-policy"
+    cfg = plan.config
     why = triton_moe.self_check(plan.device) if torch.cuda.is_available() else None
+    why = why or triton_moe.shape_unsupported(cfg.hidden_size, cfg.intermediate_size, fmt.spec.group_size)
     why = why or rows_unavailable(fmt.matrices, fmt.spec, fmt.cpu_layout)
     if why is None and e.store == "mmap":
         why = "--store mmap: the kernels read missed experts from pinned RAM (the converted copies)"
