@@ -14,6 +14,7 @@ import pytest
 from refs import rewrite_config
 
 from mixtral_lite.cli import chat as chat_cli
+from mixtral_lite.serve import server as server_cli
 
 TIMEOUT_S = 120
 
@@ -42,18 +43,28 @@ def copy(mixtral_ref, tmp_path):
     return make
 
 
-# ---- server start-up -----------------------------------------------------------------------------------
-def test_server_bad_config_and_tokenizer(copy):
+# ---- server start-up (in this process where it fails before loading: the same main a process runs) -------
+def main_error(capsys, main, argv, status: int = 2) -> str:
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:") or ": error:" in line]
+    assert e.value.code == status and len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def test_server_bad_config_and_tokenizer(copy, capsys):
     d = copy("cfg")
     (d / "config.json").write_text("[1, 2]")
-    assert "config.json: must hold a JSON object" in one_line(run("server", "-m", d, "--port", 0))
+    assert "config.json: must hold a JSON object" in main_error(capsys, server_cli.main, ["-m", d, "--port", 0])
     d = copy("vocab")
     rewrite_config(d, vocab_size=31000)
-    line = one_line(run("server", "-m", d, "--port", 0))
+    line = main_error(capsys, server_cli.main, ["-m", d, "--port", 0, "-t", 1])
     assert "tokenizer.model has 32000 pieces but config.json's vocab_size is 31000" in line
 
 
 def test_server_truncated_checkpoint(copy):
+    """Found by the worker thread while the port is open: the process exits with the one line."""
     d = copy("trunc")
     f = d / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
@@ -61,21 +72,21 @@ def test_server_truncated_checkpoint(copy):
     assert "model.safetensors: not a readable safetensors file" in line
 
 
-def test_server_address_errors(mixtral_ref):
+def test_server_address_errors(mixtral_ref, capsys):
     m = mixtral_ref[1]
-    assert "--port: 70000 is out of range" in one_line(run("server", "-m", m, "--port", 70000))
+    assert "--port: 70000 is out of range" in main_error(capsys, server_cli.main, ["-m", m, "--port", 70000])
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        line = one_line(run("server", "-m", m, "--port", port, "-t", 1))
+        line = main_error(capsys, server_cli.main, ["-m", m, "--port", port, "-t", 1])
     assert f"--port {port}: 127.0.0.1:{port} is already in use" in line
-    assert "--host no-such-host.invalid: not an address" in one_line(
-        run("server", "-m", m, "--host", "no-such-host.invalid", "--port", 0, "-t", 1))
-    assert "--host 192.0.2.1: not an address of this machine" in one_line(
-        run("server", "-m", m, "--host", "192.0.2.1", "--port", 0, "-t", 1))
+    assert "--host no-such-host.invalid: not an address" in main_error(
+        capsys, server_cli.main, ["-m", m, "--host", "no-such-host.invalid", "--port", 0, "-t", 1])
+    assert "--host 192.0.2.1: not an address of this machine" in main_error(
+        capsys, server_cli.main, ["-m", m, "--host", "192.0.2.1", "--port", 0, "-t", 1])
 
 
-def test_server_refuses_kv_caches_beyond_memory(mixtral_ref):
-    line = one_line(run("server", "-m", mixtral_ref[1], "--port", 0, "-c", 2_000_000_000, "-t", 1))
+def test_server_refuses_kv_caches_beyond_memory(mixtral_ref, capsys):
+    line = main_error(capsys, server_cli.main, ["-m", mixtral_ref[1], "--port", 0, "-c", 2_000_000_000, "-t", 1])
     assert "-c/--ctx-size and --max-batch: 5 KV caches of a 2000000000-token window need" in line
 
 
@@ -83,15 +94,15 @@ def test_server_refuses_kv_caches_beyond_memory(mixtral_ref):
 CHAT = ("-t", "1", "--temperature", "0", "-n", "8")
 
 
-def test_chat_bad_config_truncated_checkpoint_closed_stdout(copy, mixtral_ref):
+def test_chat_bad_config_truncated_checkpoint_closed_stdout(copy, mixtral_ref, capsys):
     d = copy("cfg")
     (d / "config.json").write_text("{not json")
-    assert "config.json: not valid JSON" in one_line(run("chat", "-m", d, *CHAT, stdin=b"hi\n"))
+    assert "config.json: not valid JSON" in main_error(capsys, chat_cli.main, ["-m", d, *CHAT])
     d = copy("trunc")
     f = d / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    assert "model.safetensors: not a readable safetensors file" in one_line(run("chat", "-m", d, *CHAT,
-                                                                               stdin=b"hi\n"))
+    assert "model.safetensors: not a readable safetensors file" in main_error(capsys, chat_cli.main,
+                                                                             ["-m", d, *CHAT])
     line = one_line(run("chat", "-m", mixtral_ref[1], *CHAT, stdin=b"hi\n", shell_suffix=">&-"))
     assert "stdout is closed" in line
 
@@ -159,10 +170,13 @@ def test_chat_answer_that_fails_keeps_the_conversation(mixtral_ref, monkeypatch,
 
 
 # ---- generate: sizes that cannot be allocated ------------------------------------------------------------
-def test_generate_refuses_a_kv_cache_beyond_memory(mixtral_ref, tmp_path):
+def test_generate_refuses_a_kv_cache_beyond_memory(mixtral_ref, tmp_path, capsys):
+    from mixtral_lite.cli.generate import main as generate_main
+
     f = tmp_path / "s.json"
-    p = run("generate", "-m", mixtral_ref[1], "-p", "hi", "-n", 100_000_000, "-c", 100_000_000, "-t", 1,
-            "--stats-json", f)
-    line = one_line(p)
-    assert "-c/--ctx-size and -n/--max-new-tokens: the KV cache of a 100000000-token window needs" in line
-    assert "load:" not in p.stderr.decode() and not f.exists()
+    with pytest.raises(SystemExit) as e:
+        generate_main([str(a) for a in ("-m", mixtral_ref[1], "-p", "hi", "-n", 100_000_000, "-c", 100_000_000,
+                                        "-t", 1, "--stats-json", f)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and "load:" not in err and not f.exists()
+    assert "error: -c/--ctx-size and -n/--max-new-tokens: the KV cache of a 100000000-token window needs" in err

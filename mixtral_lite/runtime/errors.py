@@ -69,6 +69,8 @@ def front_door():
 
 def describe(e: BaseException) -> str:
     """The one line for an exception: our errors carry their own message; others get their type."""
+    if isinstance(e, SystemExit) and isinstance(e.code, str):  # raised in a worker thread (the server's load)
+        return e.code.removeprefix("error: ")
     if isinstance(e, OSError) and e.strerror:
         where = f"{e.filename}: " if e.filename else ""
         return f"{where}{e.strerror}"
