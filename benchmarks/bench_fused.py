@@ -64,7 +64,8 @@ def store(src: Path, workdir: Path, method: str, prepack: bool = False) -> Path:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from generate_runners import source_stamp
 
-    dst = workdir / f"{src.name}-{source_stamp(src)}-q4-{method}{'-prepack' if prepack else ''}"
+    # a --prepack store holds this CPU capability's layout (read in place only under it): one per capability
+    dst = workdir / f"{src.name}-{source_stamp(src)}-q4-{method}{f'-prepack-{capability()}' if prepack else ''}"
     if not (dst / "manifest.json").is_file():
         t0 = time.perf_counter()
         _run([sys.executable, str(ROOT / "tools" / "quantize_experts.py"), str(src), str(dst), "--bits", "4",
@@ -72,6 +73,20 @@ def store(src: Path, workdir: Path, method: str, prepack: bool = False) -> Path:
               *(["--resume"] if dst.exists() else [])])
         print(f"quantized {src.name} ({method}) in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return dst
+
+
+def capability() -> str:
+    """The CPU capability torch dispatches to in this process and its children (ATEN_CPU_CAPABILITY lowers it)."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability().lower()
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def ggufs(src: Path, workdir: Path) -> dict[str, Path]:
@@ -103,6 +118,15 @@ def ggufs(src: Path, workdir: Path) -> dict[str, Path]:
             os.replace(tmp, out[q])
     f16.unlink()  # 2 bytes a weight: at mixtral-4l's size the largest file here, needed no more
     return out
+
+
+def llama_cpp_build() -> str | None:
+    """llama.cpp's own description of the CPU features it was built with (None without llama-cpp-python)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    return llama_cpp.llama_print_system_info().decode(errors="replace").strip()
 
 
 def configurations(src: Path, q4: Path, pre: Path, gg: dict[str, Path], big: bool, dtype16: str) -> list[dict]:
@@ -243,10 +267,14 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {"model": a.model, "checkpoint": str(src), "store": str(q4), "threads": a.threads,
               "tokens": a.tokens, "repeats": a.repeats, "prompt_tokens": PROMPT_LEN,
-              "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}", "rows": rows}
+              "machine": f"{cpu_model()}, {platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
+              "cpu_capability": capability(), "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY"),
+              "llama_cpp": llama_cpp_build(), "rows": rows}
     from mixtral_lite.runstats import write_json_atomic
 
     name = "quick" if a.quick else a.model.replace("/", "-") if a.model in (*PRESETS, "shipped") else src.name
+    if os.environ.get("ATEN_CPU_CAPABILITY"):  # a lower capability than the machine's: its own file
+        name += f"-{capability()}"
     write_json_atomic(RESULTS / f"bench_fused-{name}.json", result)
     print(markdown(result))
     return 0

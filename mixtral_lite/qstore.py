@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import json
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from offload.fused import FusedCodec, fused_unsupported, kernel_layout, output_matrices
-from offload.prepacked import PACKING, PrepackedCodec, prepack_unsupported
+from offload.prepacked import PACKINGS, PrepackedCodec, prepack_unsupported, stored_cpu_layout
 from offload.qdense import dense_layout, dequantized
 from offload.quant import HQQCodec, QuantSpec, expert_layout, layout_from_dict
 from offload.store import Piece, RamStore, SafetensorsSource, StoreError
@@ -137,8 +137,11 @@ class QStore:
         if ex is not None:
             self.spec = QuantSpec.from_dict(ex["spec"])
             self.matrices = {k: tuple(v) for k, v in ex["matrices"].items()}
-            self.layout = layout_from_dict(ex["layout"])
             self.packing = ex.get("packing", "hqq")
+            self.cpu_layout = stored_cpu_layout(self.packing)  # None: hqq's layout
+            self.layout = layout_from_dict(ex["layout"])
+            if self.cpu_layout is not None and not self.layout.form:  # written before layouts had forms
+                self.layout = replace(self.layout, form=f"int4-cpu-{self.cpu_layout.name}")
             self._check_experts(ex)
         dense = self.manifest["dense"]
         self.quantized: dict[str, str] = {n: t["kind"] for n, t in dense["tensors"].items()}
@@ -160,14 +163,14 @@ class QStore:
         if self.matrices != expert_matrices(self.config):
             raise CheckpointError(f"{where}: expert shapes {self.matrices} do not match config.json "
                                   f"({expert_matrices(self.config)})")
-        if self.packing == PACKING:
+        if self.cpu_layout is not None:
             _, names, out_shapes = output_matrices(self.matrices, STACK)
-            want = kernel_layout(names, out_shapes, self.spec.group_size, "cpu")
+            want = kernel_layout(names, out_shapes, self.spec.group_size, "cpu", self.cpu_layout)
         elif self.packing == "hqq":
             want = expert_layout(self.matrices, self.spec)
         else:
             raise CheckpointError(f"{where}: expert packing {self.packing!r} is not one this mixtral-lite reads "
-                                  f"(hqq, {PACKING})")
+                                  f"(hqq, {', '.join(PACKINGS)})")
         if self.layout != want:
             raise CheckpointError(f"{where}: packed expert layout disagrees with its quantization settings")
         crc = ex["crc32"]
@@ -267,15 +270,17 @@ class QStore:
         once, right before the matmul (returns (w1, w2, w3)). `codec_note` says which, and why.
         A --prepack store holds the CPU kernel's layout: read as it is on the CPU, converted on CUDA."""
         kind = torch.device(device).type
-        if self.packing == PACKING:
+        if self.cpu_layout is not None:
             why = prepack_unsupported(self.matrices, self.spec, device, STACK) if self.fused else \
                 "the dequantize-then-multiply path reads hqq's layout only"
             if why:
-                raise CheckpointError(f"{self.path}: experts stored in the CPU int4 kernel's layout (--prepack) "
+                raise CheckpointError(f"{self.path}: experts stored in a CPU int4 kernel's layout (--prepack) "
                                       f"cannot run on {kind} here: {why}; re-make the store without --prepack")
-            self.codec_note = f"fused int4 kernel on {kind}, experts stored in the CPU kernel's layout" + (
-                " (read in place)" if kind == "cpu" else " (converted per load on the device)")
-            return PrepackedCodec(self.matrices, self.spec, device, STACK)
+            codec = PrepackedCodec(self.matrices, self.spec, device, STACK, self.cpu_layout)
+            held = "read in place" if codec.in_place else f"converted per load into {codec.slot_layout.form}"
+            self.codec_note = (f"fused int4 kernel on {kind}, experts stored in the {self.cpu_layout.name} CPU "
+                               f"layout ({held})")
+            return codec
         why = fused_unsupported(self.matrices, self.spec, device) if self.fused else "asked for"
         if why is None:
             self.codec_note = f"fused int4 kernel on {kind}"

@@ -18,7 +18,15 @@ from __future__ import annotations
 
 import torch
 
-from offload.kernels import Int4Mat, int4_specs, int4_unsupported, pack_int4_codes, pack_int4_meta
+from offload.kernels import (
+    CpuInt4Layout,
+    Int4Mat,
+    int4_form,
+    int4_specs,
+    int4_unsupported,
+    pack_int4_codes,
+    pack_int4_meta,
+)
 from offload.packing import Layout, views
 from offload.quant import QuantSpec, _grid, expert_layout, meta_values, unpack_codes
 from offload.store import Piece
@@ -51,8 +59,27 @@ def output_matrices(shapes: dict[str, tuple[int, int]], stack: dict[str, tuple[s
     return groups, names, out_shapes
 
 
-def kernel_layout(names, out_shapes: dict[str, tuple[int, int]], group: int, device: torch.device | str) -> Layout:
-    return Layout.plan([s for o in names for s in int4_specs(o, *out_shapes[o], group, device)])
+def kernel_layout(names, out_shapes: dict[str, tuple[int, int]], group: int, device: torch.device | str,
+                  cpu: CpuInt4Layout | None = None) -> Layout:
+    """The kernel matrices of one expert in one buffer: on the CPU in `cpu`'s code layout (default: the one
+    this CPU's kernel reads), on CUDA in torch's CUDA layout."""
+    device = torch.device(device)
+    form = int4_form(device, cpu)
+    return Layout.plan([s for o in names for s in int4_specs(o, *out_shapes[o], group, device)], form)
+
+
+def _whole(pieces: list[Piece], nbytes: int) -> bool:
+    return len(pieces) == 1 and pieces[0].offset == 0 and pieces[0].src.numel() >= nbytes
+
+
+def assemble(pieces: list[Piece], nbytes: int, buf: torch.Tensor | None) -> torch.Tensor:
+    """One stored expert's `nbytes` as one host tensor: the piece itself when it is whole, else the pieces
+    copied into `buf` (host scratch the caller allocated once)."""
+    if _whole(pieces, nbytes):
+        return pieces[0].src[:nbytes]
+    for p in pieces:
+        buf[p.offset : p.offset + p.src.numel()].copy_(p.src)
+    return buf[:nbytes]
 
 
 class FusedCodec:
@@ -116,15 +143,9 @@ class FusedCodec:
 
     def fill(self, pieces: list[Piece], slot_views: dict[str, torch.Tensor]) -> None:
         """One stored expert (host pieces laid out by `layout`) -> a CPU slot of `slot_layout`."""
-        if len(pieces) == 1 and pieces[0].offset == 0 and pieces[0].src.numel() >= self.layout.nbytes:
-            src = pieces[0].src
-        else:  # several pieces: assemble the packed expert first (host scratch, allocated once)
-            if self._host_buf is None:
-                self._host_buf = torch.zeros(self.layout.nbytes, dtype=torch.uint8)
-            for p in pieces:
-                self._host_buf[p.offset : p.offset + p.src.numel()].copy_(p.src)
-            src = self._host_buf
-        self.convert(views(src[: self.layout.nbytes], self.layout), slot_views)
+        if self._host_buf is None and not _whole(pieces, self.layout.nbytes):
+            self._host_buf = torch.zeros(self.layout.nbytes, dtype=torch.uint8)
+        self.convert(views(assemble(pieces, self.layout.nbytes, self._host_buf), self.layout), slot_views)
 
     def decode(self, slot_views: dict[str, torch.Tensor]) -> tuple[Int4Mat, ...]:
         g = self.spec.group_size

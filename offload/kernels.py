@@ -9,11 +9,21 @@ HQQ's W = (q - z) * s is the same matrix with scale = s and zero = (8 - z) * s, 
 4-bit HQQ codes (axis=1 groups) run on it unchanged. `scales_and_zeros` is bf16 [K/g, N, 2].
 
 Packed codes:
-- CPU: uint8 [N * K / 2]. For N % 64 == 0 the layout is blocks of 64 output rows; inside block b,
-  for each k, 32 bytes, byte j = q[64b + j, k] | q[64b + 32 + j, k] << 4 (written here with a
-  few vector ops, ~6x faster than torch's converter); other N go through torch's converter.
+- CPU: uint8 [N * K / 2] in a layout that depends on the CPU capability torch dispatches to
+  (`torch.backends.cpu.get_cpu_capability()`; ATEN_CPU_CAPABILITY selects a lower one). Each is
+  blocks of B output rows; inside block b, for each k, B/2 bytes; byte j holds two rows' codes:
+      avx512   B = 64, byte j = q[64b + j, k] | q[64b + 32 + j, k] << 4
+      avx2     B = 32, byte j = q[32b + j, k] | q[32b + 16 + j, k] << 4
+      default  B = 32, byte j = q[32b + 2j, k] | q[32b + 2j + 1, k] << 4
+  Which one this torch writes is not assumed: `native_cpu_layout` compares each with torch's own
+  converter once, and `pack_int4_codes` writes that one (a few vector ops, ~6x faster than the
+  converter) or, where none matches or N % B != 0, calls the converter itself.
 - CUDA: torch's tiled int32 layout from `_convert_weight_to_int4pack` (input: uint8 [N, K/2],
   byte = q[n, 2i] << 4 | q[n, 2i + 1]), made on the device.
+
+`int4_self_check` runs one small product through the packing and the kernel a run will use and
+compares it with the dequantized matrix: a layout or a kernel that computes something else is
+refused (the caller falls back to dequantization and says why), never used.
 
 Int8, one scale per output row (torch's `_weight_int8pack_mm`): W[n, k] = q[n, k] * scale[n].
 
@@ -51,13 +61,13 @@ def int4_unsupported(n: int, k: int, group: int, device: torch.device | str) -> 
     if device.type == "cpu":
         if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
             return f"torch {torch.__version__} has no CPU int4 kernel"
-        return None if n % 16 == 0 else f"output width {n} is not a multiple of 16"
+        return int4_self_check(device) if n % 16 == 0 else f"output width {n} is not a multiple of 16"
     if device.type == "cuda":
         if torch.cuda.get_device_capability(device) < (8, 0):
             return "the CUDA int4 kernel needs compute capability 8.0 (Ampere) or newer"
         if not hasattr(torch.ops.aten, "_weight_int4pack_mm"):
             return f"torch {torch.__version__} has no CUDA int4 kernel"
-        return None if n % 8 == 0 else f"output width {n} is not a multiple of 8"
+        return int4_self_check(device) if n % 8 == 0 else f"output width {n} is not a multiple of 8"
     return f"no int4 kernel on {device.type}"
 
 
@@ -71,40 +81,99 @@ def int4_specs(prefix: str, n: int, k: int, group: int, device: torch.device | s
     return [codes, (f"{prefix}.sz", ACT, (k // group, n, 2))]
 
 
-def pack_int4_codes(codes: torch.Tensor, out: torch.Tensor) -> None:
-    """codes uint8 [N, K] in [0, 16) -> `out`, the kernel layout on out's device (see the module docstring)."""
-    n, k = codes.shape
-    if out.device.type == "cuda":
-        pairs = (codes[:, ::2] << 4) | codes[:, 1::2]
-        out.copy_(torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), out.shape[-1] * 2))
-    elif n % 64 == 0:
-        v = codes.view(n // 64, 2, 32, k)
-        torch.bitwise_or(v[:, 0], v[:, 1] << 4, out=out.view(n // 64, k, 32).transpose(1, 2))
-    else:
-        out.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2))
+@dataclass(frozen=True)
+class CpuInt4Layout:
+    """One CPU capability's int4 code layout (see the module docstring): blocks of `block` rows; byte j
+    of a block's column holds rows (j, j + block/2) when `halves`, else rows (2j, 2j + 1)."""
+
+    name: str
+    block: int
+    halves: bool
+
+    def _rows(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # codes [N, K] -> (low-nibble rows, high-nibble rows), each [N/B, B/2, K]
+        n, k = codes.shape
+        if self.halves:
+            v = codes.view(n // self.block, 2, self.block // 2, k)
+            return v[:, 0], v[:, 1]
+        v = codes.view(n // self.block, self.block // 2, 2, k)
+        return v[:, :, 0], v[:, :, 1]
+
+    def _bytes(self, packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+        # packed [N*K/2] -> [N/B, B/2, K]: byte j of block b's column k
+        return packed.view(n // self.block, k, self.block // 2).transpose(1, 2)
+
+    def fits(self, n: int) -> bool:
+        return n % self.block == 0
+
+    def pack(self, codes: torch.Tensor, out: torch.Tensor) -> None:
+        """codes uint8 [N, K] in [0, 16), N a multiple of `block` -> out uint8 [N*K/2] in this layout."""
+        lo, hi = self._rows(codes)
+        torch.bitwise_or(lo, hi << 4, out=self._bytes(out, *codes.shape))
+
+    def unpack(self, packed: torch.Tensor, codes: torch.Tensor) -> None:
+        """The inverse of `pack`: packed uint8 [N*K/2] -> codes uint8 [N, K]."""
+        n, k = codes.shape
+        if not self.fits(n):
+            raise ValueError(f"output width {n}: the {self.name} int4 layout is unpacked here only for "
+                             f"multiples of {self.block}")
+        lo, hi = self._rows(codes)
+        b = self._bytes(packed, n, k)
+        torch.bitwise_and(b, 15, out=lo)
+        torch.bitwise_right_shift(b, 4, out=hi)
 
 
-def unpack_int4_codes(packed: torch.Tensor, codes: torch.Tensor) -> None:
-    """The CPU layout's packed codes (N % 64 == 0) -> codes uint8 [N, K] in [0, 16), on packed's device:
-    the inverse of pack_int4_codes on the CPU."""
-    n, k = codes.shape
-    if n % 64:
-        raise ValueError(f"output width {n}: the CPU int4 layout is unpacked here only for multiples of 64")
-    blocks = packed.view(n // 64, k, 32).transpose(1, 2)
-    v = codes.view(n // 64, 2, 32, k)
-    torch.bitwise_and(blocks, 15, out=v[:, 0])
-    torch.bitwise_right_shift(blocks, 4, out=v[:, 1])
+CPU_LAYOUTS = {lay.name: lay for lay in (CpuInt4Layout("avx512", 64, True), CpuInt4Layout("avx2", 32, True),
+                                         CpuInt4Layout("default", 32, False))}
+
+
+def cpu_capability() -> str:
+    """The CPU capability torch's kernels dispatch to here ("AVX512", "AVX2", "DEFAULT", ...)."""
+    return torch.backends.cpu.get_cpu_capability()
 
 
 @functools.cache
-def cpu_layout_is_ours() -> bool:
-    """Whether this torch's CPU int4 converter lays codes out as pack_int4_codes does (stores written in
-    the CPU kernel's layout depend on it)."""
-    codes = torch.arange(64 * 64, dtype=torch.int32).view(64, 64).remainder(16).flip(0)
-    ours = torch.empty(64 * 32, dtype=torch.uint8)
-    pack_int4_codes(codes.to(torch.uint8), ours)
-    theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
-    return torch.equal(ours, theirs.reshape(-1).view(torch.uint8))
+def native_cpu_layout() -> CpuInt4Layout | None:
+    """The layout of CPU_LAYOUTS that this torch's CPU int4 converter writes on this CPU, found by comparing
+    each with the converter on one random matrix; None when none matches (then the converter packs)."""
+    if not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+        return None
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=gen)
+    theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2).reshape(-1).view(torch.uint8)
+    for lay in CPU_LAYOUTS.values():
+        ours = torch.empty(128 * 32, dtype=torch.uint8)
+        lay.pack(codes.to(torch.uint8), ours)
+        if torch.equal(ours, theirs):
+            return lay
+    return None
+
+
+def int4_form(device: torch.device | str, cpu: CpuInt4Layout | None = None) -> str:
+    """The Layout form of int4 kernel matrices on device: "int4-cuda", or "int4-cpu-<layout>" (`cpu`, by
+    default this CPU's; "int4-cpu-torch-<capability>" where torch's converter writes one we do not know)."""
+    if torch.device(device).type == "cuda":
+        return "int4-cuda"
+    cpu = cpu or native_cpu_layout()
+    return f"int4-cpu-{cpu.name}" if cpu else f"int4-cpu-torch-{cpu_capability().lower()}"
+
+
+def pack_int4_codes(codes: torch.Tensor, out: torch.Tensor) -> None:
+    """codes uint8 [N, K] in [0, 16) -> `out`, the kernel layout on out's device (see the module docstring)."""
+    if out.device.type == "cuda":
+        pairs = (codes[:, ::2] << 4) | codes[:, 1::2]
+        out.copy_(torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), out.shape[-1] * 2))
+        return
+    lay = native_cpu_layout()
+    if lay is not None and lay.fits(codes.shape[0]):
+        lay.pack(codes, out.view(-1))
+    else:
+        out.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2).view(out.shape))
+
+
+def unpack_int4_codes(packed: torch.Tensor, codes: torch.Tensor, layout: CpuInt4Layout) -> None:
+    """CPU-layout packed codes (`layout`, e.g. a --prepack store's) -> codes uint8 [N, K], on packed's device."""
+    layout.unpack(packed.view(-1), codes)
 
 
 def pack_int4_meta(scale: torch.Tensor, zero: torch.Tensor, out: torch.Tensor) -> None:
@@ -127,6 +196,60 @@ class Int4Mat:
         if x.device.type == "cuda":
             return torch.ops.aten._weight_int4pack_mm(x, self.w, self.group, self.sz)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.w.view(self.n, -1), self.group, self.sz)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want||, in fp32."""
+    want = want.float()
+    return ((got.float() - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+CHECK_TOLERANCE = 0.02  # bf16 products of 128 terms: ~0.4% relative; a wrong layout gives ~100%
+
+
+def int4_self_check(device: torch.device | str) -> str | None:
+    """Why the int4 path (pack_int4_codes, then torch's kernel) does not compute the dequantized matrix's
+    product on this device (None: it does). Checked once per device, for a matrix our packer lays out
+    (128 rows) and one torch's converter does (48 rows on the CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _int4_check(device)
+
+
+@functools.cache
+def _int4_check(device: torch.device) -> str | None:
+    gen = torch.Generator().manual_seed(1)
+    k, group = 128, 32
+    x = torch.randn(3, k, generator=gen).to(ACT)
+    for n in (128, 48):
+        codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
+        scale = torch.rand(n, k // group, generator=gen) * 0.02 + 0.01
+        zero = torch.rand(n, k // group, generator=gen) * 16
+        (wspec, wdtype, wshape), (_, _, szshape) = int4_specs("m", n, k, group, device)
+        w = torch.empty(wshape, dtype=wdtype, device=device)
+        sz = torch.empty(szshape, dtype=ACT, device=device)
+        try:
+            pack_int4_codes(codes.to(device), w)
+            pack_int4_meta(scale.to(device), zero.to(device), sz)
+            got = Int4Mat(w, sz, group, n)(x.to(device)).cpu()
+        except (RuntimeError, NotImplementedError) as e:
+            return f"torch's int4 kernel failed on {_where(device)} ({str(e).splitlines()[0][:80]})"
+        s, z = sz[..., 0].float().t().cpu(), sz[..., 1].float().t().cpu()  # what the kernel was given
+        dense = (codes.float() - 8) * s.repeat_interleave(group, 1) + z.repeat_interleave(group, 1)
+        err = relative_error(got, x.float() @ dense.t())
+        if not err < CHECK_TOLERANCE:
+            how = "torch's converter" if native_cpu_layout() is None or not native_cpu_layout().fits(n) \
+                else f"the {native_cpu_layout().name} layout"
+            return (f"torch's int4 kernel on {_where(device)} computes a {n}x{k} product {err:.2f} away (relative) "
+                    f"from its dequantized matrix (codes packed by {how})")
+    return None
+
+
+def _where(device: torch.device) -> str:
+    if device.type == "cpu":
+        return f"this CPU (capability {cpu_capability()})"
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 
 @dataclass(frozen=True, slots=True)

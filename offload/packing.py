@@ -43,27 +43,34 @@ class Entry:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each named tensor lives inside one packed buffer."""
+    """Where each named tensor lives inside one packed buffer.
+
+    `form` names how the bytes inside the entries are arranged where names, dtypes and shapes do not say
+    it (e.g. "int4-cpu-avx2": torch's CPU int4 codes as its AVX2 kernel reads them): two layouts of one
+    form are interchangeable byte for byte, two of different forms need a conversion.
+    """
 
     entries: tuple[Entry, ...]
     nbytes: int
+    form: str = ""
 
     @staticmethod
-    def plan(specs: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> Layout:
+    def plan(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], form: str = "") -> Layout:
         """Offsets for (name, dtype, shape) in order, each aligned to ALIGN bytes."""
         entries, offset = [], 0
         for name, dtype, shape in specs:
             nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
             entries.append(Entry(name, dtype_name(dtype), tuple(shape), offset, nbytes))
             offset += -(-nbytes // ALIGN) * ALIGN
-        return Layout(tuple(entries), offset)
+        return Layout(tuple(entries), offset, form)
 
     @staticmethod
     def of(tensors: dict[str, torch.Tensor]) -> Layout:
         return Layout.plan([(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()])
 
     def to_json(self) -> str:
-        return json.dumps({"nbytes": self.nbytes, "entries": [e.__dict__ for e in self.entries]})
+        d = {"nbytes": self.nbytes, "entries": [e.__dict__ for e in self.entries]}
+        return json.dumps({**d, "form": self.form} if self.form else d)
 
     @staticmethod
     def from_json(text: str) -> Layout:
@@ -72,7 +79,7 @@ class Layout:
                         for e in d["entries"])
         if entries and entries[-1].offset + entries[-1].nbytes > d["nbytes"]:
             raise ValueError(f"layout overruns its buffer ({d['nbytes']} bytes)")
-        return Layout(entries, d["nbytes"])
+        return Layout(entries, d["nbytes"], d.get("form", ""))
 
 
 def pack_into(buf: torch.Tensor, layout: Layout, tensors: dict[str, torch.Tensor]) -> None:

@@ -19,7 +19,7 @@ import functools
 import torch
 
 from offload.fused import FusedCodec, fused_unsupported
-from offload.kernels import Int8Mat, quantize_int8_rows
+from offload.kernels import CHECK_TOLERANCE, Int8Mat, quantize_int8_rows, relative_error
 from offload.packing import Layout, pack_into, views
 from offload.quant import HQQCodec, QuantSpec, expert_layout, quantize_matrix
 
@@ -60,12 +60,18 @@ def fused_int8_unsupported(device: torch.device | str) -> str | None:
 
 @functools.cache
 def _int8_probe(device: torch.device) -> str | None:
+    """One small product through torch's int8 kernel, compared with the dequantized matrix's."""
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randint(-127, 128, (48, 64), dtype=torch.int8, generator=gen)
+    scale = (torch.rand(48, generator=gen) * 0.01 + 0.001).to(torch.bfloat16)
+    x = torch.randn(3, 64, generator=gen).to(torch.bfloat16)
     try:
-        x = torch.ones(1, 32, dtype=torch.bfloat16, device=device)
-        torch.ops.aten._weight_int8pack_mm(x, torch.ones(16, 32, dtype=torch.int8, device=device),
-                                           torch.ones(16, dtype=torch.bfloat16, device=device))
+        got = torch.ops.aten._weight_int8pack_mm(x.to(device), q.to(device), scale.to(device)).cpu()
     except (RuntimeError, NotImplementedError, AttributeError) as e:
         return f"no int8 kernel on {device.type} ({str(e).splitlines()[0][:80]})"
+    err = relative_error(got, x.float() @ (q.float() * scale.float()[:, None]).t())
+    if not err < CHECK_TOLERANCE:
+        return f"torch's int8 kernel on {device.type} computes a product {err:.2f} away (relative) from its matrix's"
     return None
 
 

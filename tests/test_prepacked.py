@@ -15,8 +15,8 @@ from mixtral_lite.experts import FusedResidentExperts
 from mixtral_lite.generate import generate
 from mixtral_lite.model import load_model
 from mixtral_lite.qstore import DenseSettings, QStore, open_store
-from offload.kernels import pack_int4_codes, unpack_int4_codes
-from offload.prepacked import PACKING, PrepackedCodec
+from offload.kernels import CPU_LAYOUTS, native_cpu_layout
+from offload.prepacked import PrepackedCodec, packing_name
 from offload.quant import QuantSpec
 
 DENSE = DenseSettings(QuantSpec(4, 64, 1, 16), False, 8, 8)
@@ -31,25 +31,26 @@ def stores(mixtral_q_ref, tmp_path_factory):
     return hqq, qe.convert(src, root / "pre", spec, DENSE, progress=False, prepack=True)
 
 
+@pytest.mark.parametrize("layout", list(CPU_LAYOUTS.values()), ids=list(CPU_LAYOUTS))
 @pytest.mark.parametrize("n,k", [(64, 32), (128, 256), (256, 64)])
-def test_unpacking_inverts_packing(n, k):
+def test_unpacking_inverts_packing(layout, n, k):
     codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
     packed = torch.empty(n * k // 2, dtype=torch.uint8)
-    pack_int4_codes(codes, packed)
+    layout.pack(codes, packed)
     back = torch.empty_like(codes)
-    unpack_int4_codes(packed, back)
+    layout.unpack(packed, back)
     assert torch.equal(back, codes)
-    with pytest.raises(ValueError, match="multiples of 64"):
-        unpack_int4_codes(packed[: 32 * k // 2], torch.empty(32, k, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=f"multiples of {layout.block}"):
+        layout.unpack(packed[: 16 * k // 2], torch.empty(16, k, dtype=torch.uint8))
 
 
 def test_the_store_holds_the_kernel_layout(stores):
     hqq, pre = stores
     a, b = open_store(hqq), open_store(pre)
-    assert b.packing == PACKING and a.packing == "hqq"
+    assert b.packing == packing_name(native_cpu_layout()) and a.packing == "hqq"
     codec = b.codec("cpu", torch.float32)
     assert isinstance(codec, PrepackedCodec) and codec.slot_layout == codec.layout == b.layout
-    assert "stored in the CPU kernel's layout (read in place)" in b.codec_note
+    assert f"stored in the {native_cpu_layout().name} CPU layout (read in place)" in b.codec_note
     # the same bytes a fused slot of the hqq store holds after its conversion at load
     assert b.expert_bytes == a.codec("cpu", torch.float32).slot_layout.nbytes
     man = json.loads((pre / "manifest.json").read_text())
@@ -92,7 +93,7 @@ def test_flags_and_manifest_errors_name_the_setting(stores, mixtral_q_ref, tmp_p
     assert "--prepack: 8-bit codes" in capsys.readouterr().err
     assert qe.main([str(src), str(pre), "--resume", "--meta-bits", "8", "--head-bits", "8", "--embed-bits", "8",
                     "--attn-bits", "4"]) == 2
-    assert "expert layout (--prepack): store int4-cpu, now hqq" in capsys.readouterr().err
+    assert f"expert layout (--prepack): store {packing_name(native_cpu_layout())}, now hqq" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match=r"--prepack.*dequantize-then-multiply path reads hqq's layout only"):
         QStore(pre, fused=False).codec("cpu", torch.float32)
     broken = tmp_path / "broken"

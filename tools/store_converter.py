@@ -30,8 +30,9 @@ from mixtral_lite.qstore import (
     expert_tensor,
 )
 from offload.fused import FusedCodec
+from offload.kernels import native_cpu_layout
 from offload.packing import pack_into, views
-from offload.prepacked import PACKING, prepack_unsupported
+from offload.prepacked import packing_name, prepack_unsupported, prepack_write_unsupported
 from offload.qdense import dense_layout, quantize_dense
 from offload.quant import QuantSpec, bits_per_weight, expert_layout, layout_to_dict, quantize_expert
 
@@ -85,7 +86,7 @@ class Converter:
         # --prepack: each expert is quantized into hqq's layout, then written in the CPU kernel's
         self.hqq_layout, self._prepacked = self.layout, None
         if prepack and self.layout is not None:
-            why = prepack_unsupported(self.matrices, spec, "cpu", STACK)
+            why = prepack_unsupported(self.matrices, spec, "cpu", STACK) or prepack_write_unsupported()
             if why:
                 raise QuantizeError(f"--prepack: {why}")
             self._prepacked = (FusedCodec(self.matrices, spec, "cpu", STACK), torch.zeros(self.layout.nbytes,
@@ -98,7 +99,8 @@ class Converter:
         self.journal = Journal(dst / JOURNAL)
         self.progress = progress
         self._handles: dict[Path, object] = {}
-        self.packing = PACKING if self._prepacked else "hqq"
+        # --prepack writes this CPU's own layout (read in place here; converted at load on other CPUs)
+        self.packing = packing_name(native_cpu_layout()) if self._prepacked else "hqq"
         self.head = {"settings": {"experts": spec.to_dict(), "method": method, "dense": dense.to_dict(),
                                   "packing": self.packing,
                                   "shard_bytes": shard_bytes, "device": torch.device(device).type},
