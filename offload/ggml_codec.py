@@ -39,7 +39,7 @@ def ggml_layout(shapes: dict[str, tuple[int, int]], types: list[dict[str, BlockT
                 order: tuple[str, ...]) -> Layout:
     """One stored expert: each matrix's rows of blocks, sized for the largest type any layer gives it."""
     widths = {m: max(row_bytes(layer[m], shapes[m][1]) for layer in types) for m in order}
-    return Layout.plan([(m, torch.uint8, (shapes[m][0], widths[m])) for m in order])
+    return Layout.plan([(m, torch.uint8, (shapes[m][0], widths[m])) for m in order], "ggml-blocks")
 
 
 def write_meta(scale: torch.Tensor, zero: torch.Tensor, out: torch.Tensor) -> None:

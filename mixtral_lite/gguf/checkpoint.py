@@ -116,6 +116,8 @@ class GGUFCheckpoint:
         return list(self._expected)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            return self._expected["model.embed_tokens.weight"]
         return self._expected[name]
 
     def raw(self, name: str) -> tuple[torch.Tensor, object]:

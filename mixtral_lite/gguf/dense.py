@@ -128,7 +128,7 @@ def device_bytes(ckpt, dtype: torch.dtype) -> int:
     total = 0
     names = list(ckpt.names()) + ([HEAD] if ckpt.config.tie_word_embeddings else [])
     for name in names:
-        shape = ckpt.shape(name) if name in ckpt.names() else ckpt.shape(EMBED)
+        shape = ckpt.shape(name)
         n = torch.Size(shape).numel()
         t = ckpt.raw(name)[1]
         if name == EMBED:

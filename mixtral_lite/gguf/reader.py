@@ -24,6 +24,8 @@ import torch
 
 from offload.ggml import TYPES, BlockType, row_bytes, type_name
 
+from ..checkpoint import CheckpointError
+
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
@@ -33,7 +35,7 @@ _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: n
 STRING, ARRAY = 8, 9
 
 
-class GGUFError(ValueError):
+class GGUFError(CheckpointError):
     """A GGUF file mixtral-lite cannot read; the message names the file and the field or tensor."""
 
 
