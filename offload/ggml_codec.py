@@ -43,9 +43,10 @@ def ggml_layout(shapes: dict[str, tuple[int, int]], types: list[dict[str, BlockT
 
 
 def write_meta(scale: torch.Tensor, zero: torch.Tensor, out: torch.Tensor) -> None:
-    """scale and zero fp32 [N, K/g] (W = (q - 8) * scale + zero) -> the kernels' scales_and_zeros [K/g, N, 2]."""
-    out[..., 0].copy_(scale.t())
-    out[..., 1].copy_(zero.t())
+    """scale and zero fp32 [N, K/g] (W = (q - 8) * scale + zero) -> the kernels' scales_and_zeros [K/g, N, 2].
+    Each (scale, zero) pair is rounded to bf16 in place, then the pairs are transposed as 32-bit words."""
+    pairs = torch.stack([scale, zero], dim=-1).to(out.dtype)  # [N, K/g, 2]
+    out.view(torch.int32).view(out.shape[:2]).copy_(pairs.view(torch.int32).view(pairs.shape[:2]).t())
 
 
 class GGMLCodec:

@@ -23,7 +23,7 @@ from offload.ggml_codec import GGMLCodec, ggml_int4_unsupported, ggml_layout
 from offload.store import Piece, RamStore
 
 from ..checkpoint import expected_shapes, expert_name
-from . import dense
+from . import dense, prepacked
 from .config import expert_tensors, hf_names, model_config
 from .reader import GGUFError, GGUFFile
 
@@ -57,10 +57,12 @@ class GGUFExperts:
 
 
 class GGUFCheckpoint:
-    """See the module docstring. fused=False: every matrix dequantized into the compute dtype."""
+    """See the module docstring. fused=False: every matrix dequantized into the compute dtype. On the CPU
+    the experts come from the file of their converted form beside the GGUF where it is current
+    (gguf/prepacked.py), so the kernel reads them in place; `prepacked_note` says why not otherwise."""
 
-    def __init__(self, path: str | Path, fused: bool = True):
-        self.path, self.fused = Path(path), fused
+    def __init__(self, path: str | Path, fused: bool = True, device: torch.device | str = "cpu"):
+        self.path, self.fused, self.device = Path(path), fused, torch.device(device)
         self.file = GGUFFile(self.path)
         self.config = cfg = model_config(self.file)
         self._gguf = hf_names(self.file, cfg)
@@ -72,8 +74,13 @@ class GGUFCheckpoint:
                                 f"implies {list(shape)}")
         self.quantized = {n: self.file.info(self._gguf_name(n)).type_name for n, s in self._expected.items()
                           if len(s) == 2 and ".gate." not in n}  # matrices: installed by gguf/dense.py
+        self.prepacked, self.prepacked_note = None, "not a Mixtral"
         if cfg.is_moe:
             self._read_experts()
+            self.prepacked_note = "experts go to a GPU: the GGUF's blocks cross the bus (fewer bytes)"
+            if self.device.type == "cpu":
+                path, found = prepacked.find(self)
+                self.prepacked, self.prepacked_note = ((path, found), None) if path else (None, found)
 
     def _gguf_name(self, name: str) -> str:
         if name == "lm_head.weight" and self.config.tie_word_embeddings:
@@ -161,17 +168,33 @@ class GGUFCheckpoint:
     @property
     def expert_bytes(self) -> int:
         """Bytes of one stored expert: what crosses to the device per miss."""
-        return self.layout.nbytes
+        return self.prepacked[1].nbytes if self.prepacked else self.layout.nbytes
 
     def expert_store(self, kind: str = "mmap", pin: bool = False):
         """The experts' host home: "mmap" (the mapped file, read in place) or "ram" (its bytes loaded now)."""
         if kind not in ("mmap", "ram"):
             raise ValueError(f"unknown store {kind!r}: 'mmap' or 'ram'")
-        src = GGUFExperts(self.file, self._regions, self.layout)
+        src = prepacked.open_experts(self, *self.prepacked, "cpu")[0] if self.prepacked else self.ggml_experts()
         return src if kind == "mmap" else RamStore(src, pin=pin)
 
-    def codec(self, device: torch.device | str, dtype: torch.dtype) -> GGMLCodec:
-        """GGML blocks -> torch's int4 kernel, each expert converted as it is loaded into a slot."""
+    def ggml_experts(self) -> GGUFExperts:
+        """The experts as the GGUF holds them, read in place."""
+        return GGUFExperts(self.file, self._regions, self.layout)
+
+    def codec(self, device: torch.device | str, dtype: torch.dtype):
+        """GGML blocks -> torch's int4 kernel, each expert converted as it is loaded into a slot; or, with
+        the converted-experts file, that file's kernel layout, read in place."""
+        kind = torch.device(device).type
+        if self.prepacked and self.fused:
+            path, layout = self.prepacked
+            codec = prepacked.open_experts(self, path, layout, device)[1]
+            held = "read in place" if codec.in_place else f"converted per load into {codec.slot_layout.form}"
+            self.codec_note = f"fused int4 kernel on {kind}, experts converted once into {path.name} ({held})"
+            return codec
+        return self.ggml_codec(device)
+
+    def ggml_codec(self, device: torch.device | str) -> GGMLCodec:
+        """The codec of the experts as the GGUF holds them: converted into int4 kernel slots per load."""
         kind = torch.device(device).type
         if not self.fused:
             raise GGUFError(f"{self.path}: GGUF experts run on the int4 kernels only (no dequantizing path)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,8 +105,9 @@ class GGUFFile:
         self.path = Path(path)
         try:
             with open(self.path, "rb") as f:
-                # ACCESS_COPY (MAP_PRIVATE): writable for torch.frombuffer, never written, pages shared with the cache
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                # read-only and shared: a private writable mapping of a file larger than RAM is refused by
+                # the kernel's overcommit check (ENOMEM for a 26 GB GGUF on a 24 GB machine)
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as e:  # ValueError: an empty file cannot be mapped
             raise GGUFError(f"{self.path}: cannot be read ({e})") from None
         self.size = len(self._mm)
@@ -124,7 +126,9 @@ class GGUFFile:
         infos = [self._tensor_info(cur) for _ in range(n_tensors)]
         data = -(-cur.pos // align) * align
         self.tensors = {name: self._placed(name, t, dims, off, data) for name, dims, t, off in infos}
-        self.bytes = torch.frombuffer(self._mm, dtype=torch.uint8)  # the whole file, uint8
+        with warnings.catch_warnings():  # torch warns that the buffer is read-only: nothing here writes to it
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            self.bytes = torch.frombuffer(self._mm, dtype=torch.uint8)  # the whole file, uint8
 
     def _header(self, cur: _Cursor) -> int:
         magic = bytes(cur.take(4))
