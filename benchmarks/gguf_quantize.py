@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gguf_export import gguf_writer, plan, read, write_metadata, write_tensors  # noqa: E402
+from gguf_export import Entry, gguf_writer, plan, read, write_metadata, write_tensors  # noqa: E402
 from gguf_kquants import QUANTIZERS  # noqa: E402
 from gguf_kquants import quantize as kquantize  # noqa: E402
 
@@ -40,7 +40,7 @@ def tensor_type(name: str, shape: tuple[int, ...], qtype: str, n_layers: int, n_
         return "F32"
     if qtype != "Q4_K_M":
         return qtype
-    stem = name.split(".")[-2]
+    stem = name.split(".")[2] if name.startswith("blk.") else name.split(".")[0]  # blk.N.STEM[.E].weight
     if name == "output.weight":
         return "Q6_K"
     if stem in ("attn_k", "attn_v") and n_experts == 8:
@@ -64,8 +64,21 @@ def quantize(data: np.ndarray, qtype: str) -> np.ndarray:
     return gq.quantize(data.astype(np.float32), GGMLQuantizationType[qtype])
 
 
-def write(model_dir: str | Path, out: str | Path, qtype: str = "Q4_0", overrides: dict[str, str] | None = None) -> Path:
-    """Write the GGUF file; returns its path."""
+def per_expert(entries: list[Entry]) -> list[Entry]:
+    """The layout of GGUFs converted before mid-2024: one tensor per expert (blk.N.ffn_gate.E.weight ...)."""
+    out = []
+    for e in entries:
+        if "_exps." not in e.name:
+            out.append(e)
+            continue
+        stem = e.name.removesuffix("_exps.weight")
+        out += [Entry(f"{stem}.{i}.weight", e.shape[1:], (src,)) for i, src in enumerate(e.sources)]
+    return out
+
+
+def write(model_dir: str | Path, out: str | Path, qtype: str = "Q4_0", overrides: dict[str, str] | None = None,
+          legacy_experts: bool = False) -> Path:
+    """Write the GGUF file; returns its path. legacy_experts: one tensor per expert (older converters)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
     if qtype not in TYPES:
@@ -73,7 +86,7 @@ def write(model_dir: str | Path, out: str | Path, qtype: str = "Q4_0", overrides
     model_dir, out = Path(model_dir), Path(out)
     ckpt = Checkpoint(model_dir)
     cfg = ckpt.config
-    entries = plan(cfg)
+    entries = per_expert(plan(cfg)) if legacy_experts else plan(cfg)
     types = {e.name: tensor_type(e.name, e.shape, qtype, cfg.num_layers, cfg.num_experts) for e in entries}
     for name, t in (overrides or {}).items():
         if name not in types:
@@ -104,9 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--type", default="Q4_0", choices=TYPES)
     p.add_argument("--set", action="append", default=[], metavar="TENSOR=TYPE", help="one tensor's type")
+    p.add_argument("--per-expert", action="store_true", help="one tensor per expert, as files made before mid-2024")
     args = p.parse_args(argv)
     overrides = dict(s.split("=", 1) for s in args.set)
-    path = write(args.model_dir, args.out, args.type, overrides)
+    path = write(args.model_dir, args.out, args.type, overrides, args.per_expert)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)", file=sys.stderr)
 
 
