@@ -29,6 +29,9 @@ from offload.kernels import (
 )
 from offload.packing import Layout, views
 from offload.quant import QuantSpec, _grid, expert_layout, meta_values, unpack_codes
+from offload.rows import FORM as ROWS_FORM
+from offload.rows import RowsMat, pack_rows_codes, pack_rows_meta, rows_specs
+from offload.rows import scratch_bytes as rows_scratch_bytes
 from offload.store import Piece
 
 
@@ -60,12 +63,27 @@ def output_matrices(shapes: dict[str, tuple[int, int]], stack: dict[str, tuple[s
 
 
 def kernel_layout(names, out_shapes: dict[str, tuple[int, int]], group: int, device: torch.device | str,
-                  cpu: CpuInt4Layout | None = None) -> Layout:
+                  cpu: CpuInt4Layout | None = None, rows: bool = False) -> Layout:
     """The kernel matrices of one expert in one buffer: on the CPU in `cpu`'s code layout (default: the one
-    this CPU's kernel reads), on CUDA in torch's CUDA layout."""
+    this CPU's kernel reads), on CUDA in torch's CUDA layout; with `rows`, the int4-rows layout of the CUDA
+    table kernels (offload/rows.py), the same on every device."""
+    if rows:
+        return Layout.plan([s for o in names for s in rows_specs(o, *out_shapes[o], group)], ROWS_FORM)
     device = torch.device(device)
     form = int4_form(device, cpu)
     return Layout.plan([s for o in names for s in int4_specs(o, *out_shapes[o], group, device)], form)
+
+
+def rows_unsupported(shapes: dict[str, tuple[int, int]], spec: QuantSpec) -> str | None:
+    """Why experts of these shapes and settings cannot be held in the int4-rows layout (None: they can)."""
+    if spec.bits > 4:
+        return f"{spec.bits}-bit codes (the int4 kernels take 2, 3 and 4 bits)"
+    if spec.axis != 1:
+        return "groups along the output dimension (hqq axis 0); the kernels need axis 1: re-quantize"
+    for name, (_, k) in shapes.items():
+        if k % spec.group_size or spec.group_size % 2:
+            return f"{name}: input width {k} is not a multiple of the group size {spec.group_size}"
+    return None
 
 
 def _whole(pieces: list[Piece], nbytes: int) -> bool:
@@ -86,14 +104,14 @@ class FusedCodec:
     """Packed HQQ experts converted at load into torch's int4 layout (see the module docstring)."""
 
     def __init__(self, shapes: dict[str, tuple[int, int]], spec: QuantSpec, device: torch.device | str,
-                 stack: dict[str, tuple[str, ...]] | None = None):
-        why = fused_unsupported(shapes, spec, device)
+                 stack: dict[str, tuple[str, ...]] | None = None, rows: bool = False):
+        why = rows_unsupported(shapes, spec) if rows else fused_unsupported(shapes, spec, device)
         if why:
             raise ValueError(f"fused int4 kernel unavailable: {why}")
-        self.shapes, self.spec = dict(shapes), spec
+        self.shapes, self.spec, self.rows = dict(shapes), spec, rows
         self.layout = expert_layout(self.shapes, spec)
         self.groups, self.names, self.out_shapes = output_matrices(shapes, stack)
-        self.slot_layout = kernel_layout(self.names, self.out_shapes, spec.group_size, device)
+        self.slot_layout = kernel_layout(self.names, self.out_shapes, spec.group_size, device, rows=rows)
         # scratch on the conversion's device, allocated once: codes and fp32 scale/zero of the largest
         # output matrix, and one packed code tensor (uint8; int32 for 3 bits, viewed)
         n_k = max(n * k for n, k in self.out_shapes.values())
@@ -131,9 +149,13 @@ class FusedCodec:
                 meta_values(src, f"{part}.scale", self.spec, scale[m].view(-1, 1), None)
                 meta_values(src, f"{part}.zero", self.spec, zero[m].view(-1, 1), None)
                 row += pn
-            pack_int4_codes(codes, slot_views[f"{out}.w"])
-            pack_int4_meta(scale[: n * k // g].view(n, k // g), zero[: n * k // g].view(n, k // g),
-                           slot_views[f"{out}.sz"])
+            scale_nk, zero_nk = scale[: n * k // g].view(n, k // g), zero[: n * k // g].view(n, k // g)
+            if self.rows:
+                pack_rows_codes(codes, slot_views[f"{out}.w"])
+                pack_rows_meta(scale_nk, zero_nk, slot_views[f"{out}.sz"])
+            else:
+                pack_int4_codes(codes, slot_views[f"{out}.w"])
+                pack_int4_meta(scale_nk, zero_nk, slot_views[f"{out}.sz"])
 
     def _unpack_into(self, src: dict[str, torch.Tensor], part: str, codes: torch.Tensor, buf: dict) -> None:
         q = src[f"{part}.q"]
@@ -147,7 +169,19 @@ class FusedCodec:
             self._host_buf = torch.zeros(self.layout.nbytes, dtype=torch.uint8)
         self.convert(views(assemble(pieces, self.layout.nbytes, self._host_buf), self.layout), slot_views)
 
-    def decode(self, slot_views: dict[str, torch.Tensor]) -> tuple[Int4Mat, ...]:
-        g = self.spec.group_size
-        return tuple(Int4Mat(slot_views[f"{o}.w"], slot_views[f"{o}.sz"], g, self.out_shapes[o][0])
-                     for o in self.names)
+    def decode(self, slot_views: dict[str, torch.Tensor]) -> tuple[Int4Mat | RowsMat, ...]:
+        return decode_kernel_mats(self, slot_views)
+
+
+def decode_kernel_mats(codec, slot_views: dict[str, torch.Tensor]) -> tuple[Int4Mat | RowsMat, ...]:
+    """A slot's kernel matrices in `names` order: Int4Mat views, or RowsMat views sharing the codec's
+    dequantization scratch on the slot's device (allocated on first use there, once)."""
+    g = codec.spec.group_size
+    if not codec.rows:
+        return tuple(Int4Mat(slot_views[f"{o}.w"], slot_views[f"{o}.sz"], g, codec.out_shapes[o][0])
+                     for o in codec.names)
+    device = slot_views[f"{codec.names[0]}.w"].device
+    scratch = codec.__dict__.setdefault("_rows_scratch", {})
+    if device not in scratch:
+        scratch[device] = torch.empty(rows_scratch_bytes(codec.out_shapes), dtype=torch.uint8, device=device)
+    return tuple(RowsMat(slot_views[f"{o}.w"], slot_views[f"{o}.sz"], scratch[device]) for o in codec.names)

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import torch
 
-from offload.fused import assemble, fused_unsupported, kernel_layout, output_matrices
+from offload.fused import assemble, decode_kernel_mats, fused_unsupported, kernel_layout, output_matrices
 from offload.kernels import CPU_LAYOUTS, CpuInt4Layout, Int4Mat, cpu_capability, native_cpu_layout, pack_int4_codes
 from offload.packing import views
 from offload.quant import QuantSpec
+from offload.rows import RowsMat, pack_rows_codes, rows_from_torch_meta
 from offload.store import Piece
 
 LEGACY_PACKING = "int4-cpu"  # stores written before the layout was named: the avx512 layout
@@ -75,15 +76,16 @@ class PrepackedCodec:
     """Experts stored in a CPU int4 kernel layout (see the module docstring)."""
 
     def __init__(self, shapes: dict[str, tuple[int, int]], spec: QuantSpec, device: torch.device | str,
-                 stack: dict[str, tuple[str, ...]] | None = None, stored: CpuInt4Layout | None = None):
+                 stack: dict[str, tuple[str, ...]] | None = None, stored: CpuInt4Layout | None = None,
+                 rows: bool = False):
         why = prepack_unsupported(shapes, spec, device, stack)
         if why:
             raise ValueError(f"experts in a CPU int4 kernel layout: {why}")
         self.stored = stored or CPU_LAYOUTS["avx512"]
-        self.shapes, self.spec, self.group = dict(shapes), spec, spec.group_size
+        self.shapes, self.spec, self.group, self.rows = dict(shapes), spec, spec.group_size, rows
         self.groups, self.names, self.out_shapes = output_matrices(shapes, stack)
         self.layout = kernel_layout(self.names, self.out_shapes, self.group, "cpu", self.stored)
-        self.slot_layout = kernel_layout(self.names, self.out_shapes, self.group, device)
+        self.slot_layout = kernel_layout(self.names, self.out_shapes, self.group, device, rows=rows)
         self.in_place = self.slot_layout == self.layout
         self._codes: dict[torch.device, torch.Tensor] = {}  # conversion scratch per device, allocated once
         self._host_buf: torch.Tensor | None = None
@@ -100,8 +102,12 @@ class PrepackedCodec:
                 self._codes[w.device] = torch.empty(self.scratch_bytes(), dtype=torch.uint8, device=w.device)
             codes = self._codes[w.device][: n * k].view(n, k)
             self.stored.unpack(w.view(-1), codes)
-            pack_int4_codes(codes, slot_views[f"{out}.w"])
-            slot_views[f"{out}.sz"].copy_(src[f"{out}.sz"])
+            if self.rows:
+                pack_rows_codes(codes, slot_views[f"{out}.w"])
+                rows_from_torch_meta(src[f"{out}.sz"], slot_views[f"{out}.sz"])
+            else:
+                pack_int4_codes(codes, slot_views[f"{out}.w"])
+                slot_views[f"{out}.sz"].copy_(src[f"{out}.sz"])
 
     def fill(self, pieces: list[Piece], slot_views: dict[str, torch.Tensor]) -> None:
         """One stored expert (host pieces) -> a CPU slot: converted, or copied where the layouts agree."""
@@ -114,6 +120,5 @@ class PrepackedCodec:
             return
         self.convert(views(src, self.layout), slot_views)
 
-    def decode(self, slot_views: dict[str, torch.Tensor]) -> tuple[Int4Mat, ...]:
-        return tuple(Int4Mat(slot_views[f"{o}.w"], slot_views[f"{o}.sz"], self.group, self.out_shapes[o][0])
-                     for o in self.names)
+    def decode(self, slot_views: dict[str, torch.Tensor]) -> tuple[Int4Mat | RowsMat, ...]:
+        return decode_kernel_mats(self, slot_views)
