@@ -4,7 +4,8 @@ The host store holds (or maps) an expert's matrices as the file has them: per ma
 blocks (offload/ggml.py), one entry per matrix in `layout`, sized for the largest type any layer uses
 (llama.cpp's Q4_K_M mix stores some layers' down-projections in Q6_K). A slot holds what FusedCodec's
 slots hold (offload/fused.py): per kernel matrix (w1 and w3 stacked as w13, then w2) int4 codes in the
-kernel's layout and bf16 scales_and_zeros, group 32, so a hit computes straight from the slot.
+kernel's layout and bf16 scales_and_zeros, group 32, so a hit computes straight from the slot (with
+rows=True the int4-rows layout of the CUDA table kernels instead, offload/rows.py).
 
     codec.for_layer(layer).fill(pieces, slot_views)    CPU: host pieces -> slot, converting
     codec.for_layer(layer).convert(src, slot_views)    any device: stored views already there -> slot
@@ -19,10 +20,12 @@ from __future__ import annotations
 
 import torch
 
-from offload.fused import kernel_layout, output_matrices
+from offload.fused import decode_kernel_mats, kernel_layout, output_matrices
 from offload.ggml import GROUP, BlockType, dequantize, int4_form, requantize_int4, row_bytes
 from offload.kernels import Int4Mat, int4_unsupported, pack_int4_codes
 from offload.packing import Layout
+from offload.quant import QuantSpec
+from offload.rows import RowsMat, pack_rows_codes
 from offload.store import Piece
 
 
@@ -58,14 +61,14 @@ class GGMLCodec:
 
     def __init__(self, shapes: dict[str, tuple[int, int]], types: list[dict[str, BlockType]],
                  device: torch.device | str, stack: dict[str, tuple[str, ...]] | None = None,
-                 order: tuple[str, ...] | None = None):
-        why = ggml_int4_unsupported(shapes, device)
+                 order: tuple[str, ...] | None = None, rows: bool = False):
+        why = None if rows else ggml_int4_unsupported(shapes, device)
         if why:
             raise ValueError(f"int4 kernel unavailable: {why}")
-        self.shapes, self.types = dict(shapes), types
+        self.shapes, self.types, self.rows, self.spec = dict(shapes), types, rows, QuantSpec(4, GROUP)
         self.layout = ggml_layout(shapes, types, order or tuple(shapes))
         self.groups, self.names, self.out_shapes = output_matrices(shapes, stack)
-        self.slot_layout = kernel_layout(self.names, self.out_shapes, GROUP, device)
+        self.slot_layout = kernel_layout(self.names, self.out_shapes, GROUP, device, rows=rows)
         self.requantized = sorted({t.name for layer in types for t in layer.values() if not t.int4})
         n_k = max(n * k for n, k in self.out_shapes.values())
         part = max(n * k for n, k in shapes.values()) if self.requantized else 0
@@ -114,8 +117,12 @@ class GGMLCodec:
                     w = dequantize(t, blocks[part], buf["dense"][: pn * k].view(pn, k))
                     requantize_int4(w, codes[rows], scale[rows], zero[rows])
                 row += pn
-            pack_int4_codes(codes, slot_views[f"{out}.w"])
-            write_meta(scale, zero, slot_views[f"{out}.sz"])
+            if self.rows:  # the int4-rows layout (offload/rows.py): (scale, zero) pairs row by row
+                pack_rows_codes(codes, slot_views[f"{out}.w"])
+                slot_views[f"{out}.sz"].copy_(torch.stack([scale, zero], dim=-1))
+            else:
+                pack_int4_codes(codes, slot_views[f"{out}.w"])
+                write_meta(scale, zero, slot_views[f"{out}.sz"])
 
     def host_blocks(self, pieces: list[Piece], types: dict[str, BlockType]) -> dict[str, torch.Tensor]:
         """Each matrix's blocks from host pieces: views where a matrix lies in one piece, else assembled."""
@@ -136,9 +143,8 @@ class GGMLCodec:
             out[name] = raw.view(n, -1)
         return out
 
-    def decode(self, slot_views: dict[str, torch.Tensor]) -> tuple[Int4Mat, ...]:
-        return tuple(Int4Mat(slot_views[f"{o}.w"], slot_views[f"{o}.sz"], GROUP, self.out_shapes[o][0])
-                     for o in self.names)
+    def decode(self, slot_views: dict[str, torch.Tensor]) -> tuple[Int4Mat | RowsMat, ...]:
+        return decode_kernel_mats(self, slot_views)
 
 
 class _LayerCodec:
@@ -156,7 +162,7 @@ class _LayerCodec:
         """Views of one stored expert already on the slot's device -> the slot."""
         self.codec.convert_blocks(self.codec.stored(src, self.types), self.types, slot_views)
 
-    def decode(self, slot_views: dict[str, torch.Tensor]) -> tuple[Int4Mat, ...]:
+    def decode(self, slot_views: dict[str, torch.Tensor]) -> tuple[Int4Mat | RowsMat, ...]:
         return self.codec.decode(slot_views)
 
     def scratch_bytes(self) -> int:

@@ -159,3 +159,18 @@ def test_convert_on_device_views_equals_fill():
     codec.for_layer(0).fill([Piece(bufs[0], 0)], views(a, codec.slot_layout))
     codec.for_layer(0).convert(views(bufs[0], codec.layout), views(b, codec.slot_layout))
     assert torch.equal(a, b)
+
+
+def test_rows_form_holds_the_same_matrices():
+    """rows=True (the CUDA table kernels' layout, offload/rows.py): the same weights as the torch layout."""
+    q4k, q6k = BY_NAME["Q4_K"], BY_NAME["Q6_K"]
+    layers = [{"w1": q4k, "w2": q6k, "w3": q4k}]
+    codec, bufs, _ = _expert(layers)
+    rows = GGMLCodec(codec.shapes, layers, "cpu", stack={"w13": ("w1", "w3")}, order=("w1", "w3", "w2"), rows=True)
+    assert rows.layout == codec.layout and rows.slot_layout.form == "int4-rows"
+    a, b = (torch.empty(c.slot_layout.nbytes, dtype=torch.uint8) for c in (codec, rows))
+    codec.for_layer(0).fill([Piece(bufs[0], 0)], views(a, codec.slot_layout))
+    rows.for_layer(0).fill([Piece(bufs[0], 0)], views(b, rows.slot_layout))
+    x = torch.randn(2, 256).to(ACT)
+    torch_w13, rows_w13 = codec.decode(views(a, codec.slot_layout))[0], rows.decode(views(b, rows.slot_layout))[0]
+    assert (rows_w13(x).float() - torch_w13(x).float()).norm() / torch_w13(x).float().norm() < 4 * U
