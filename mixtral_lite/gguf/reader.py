@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import mmap
 import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from offload.ggml import TYPES, BlockType, row_bytes, type_name
+from offload.store import readonly_bytes
 
 from ..checkpoint import CheckpointError
 
@@ -126,9 +126,7 @@ class GGUFFile:
         infos = [self._tensor_info(cur) for _ in range(n_tensors)]
         data = -(-cur.pos // align) * align
         self.tensors = {name: self._placed(name, t, dims, off, data) for name, dims, t, off in infos}
-        with warnings.catch_warnings():  # torch warns that the buffer is read-only: nothing here writes to it
-            warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            self.bytes = torch.frombuffer(self._mm, dtype=torch.uint8)  # the whole file, uint8
+        self.bytes = readonly_bytes(self._mm)  # the whole file, uint8
 
     def _header(self, cur: _Cursor) -> int:
         magic = bytes(cur.take(4))
