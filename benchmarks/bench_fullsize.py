@@ -70,9 +70,9 @@ def child(job: dict) -> dict:
     """One (store, K, threads) in this process."""
     import torch
 
-    from mixtral_lite import offloading
-    from mixtral_lite.generation import generate_stream
-    from mixtral_lite.model import load_model
+    from mixtral_lite.generation.decode import generate_stream
+    from mixtral_lite.runtime import offloading
+    from mixtral_lite.runtime.load import load_model
 
     torch.set_num_threads(job["threads"])
     cached0 = meminfo("Cached")
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    from mixtral_lite.runstats import write_json_atomic
+    from mixtral_lite.runtime.runstats import write_json_atomic
 
     old = json.loads(a.out.read_text()) if a.out.is_file() else {"rows": []}
     rows = old["rows"]

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.child:
         print(json.dumps(child(json.loads(a.child))))
         return 0
-    from mixtral_lite.runstats import write_json_atomic
+    from mixtral_lite.runtime.runstats import write_json_atomic
 
     rows = json.loads(a.out.read_text())["rows"] if a.out.is_file() else []
     print("| thr | tok/s | warm-up s | peak RSS GiB (anon / file at end) | cached GiB (end) | maj faults/tok | "

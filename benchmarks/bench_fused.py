@@ -151,10 +151,10 @@ def child(job: dict) -> dict:
     from bench_llamacpp import decode_rate, llama_engine
     from generate_runners import prompts
 
-    from mixtral_lite import offloading
-    from mixtral_lite.generate import generate_stream
-    from mixtral_lite.model import load_model
-    from mixtral_lite.runstats import peak_rss_bytes
+    from mixtral_lite.generation.decode import generate_stream
+    from mixtral_lite.runtime import offloading
+    from mixtral_lite.runtime.load import load_model
+    from mixtral_lite.runtime.runstats import peak_rss_bytes
 
     torch.set_num_threads(job["threads"])
     prompt = prompts(1, 32000)[0][:PROMPT_LEN]
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": f"{cpu_model()}, {platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
               "cpu_capability": capability(), "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY"),
               "llama_cpp": llama_cpp_build(), "rows": rows}
-    from mixtral_lite.runstats import write_json_atomic
+    from mixtral_lite.runtime.runstats import write_json_atomic
 
     name = "quick" if a.quick else a.model.replace("/", "-") if a.model in (*PRESETS, "shipped") else src.name
     if os.environ.get("ATEN_CPU_CAPABILITY"):  # a lower capability than the machine's: its own file

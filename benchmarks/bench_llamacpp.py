@@ -43,10 +43,10 @@ import torch
 from gguf_export import export
 
 from mixtral_lite import default_model_path
-from mixtral_lite.generate import generate_stream
-from mixtral_lite.model import load_model
-from mixtral_lite.runstats import write_json_atomic
-from mixtral_lite.tokenizer import Tokenizer
+from mixtral_lite.generation.decode import generate_stream
+from mixtral_lite.model.tokenizer import Tokenizer
+from mixtral_lite.runtime.load import load_model
+from mixtral_lite.runtime.runstats import write_json_atomic
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "

@@ -18,7 +18,7 @@ within 16k tokens while decoding stays fast on a CPU), for the K/store sweep the
 `mixtral-1/8` preset. --quick uses the `tiny` preset for both and 1k..2k tokens.
 
 Device bytes: on CUDA the allocator's peak (torch.cuda.max_memory_allocated); on the CPU there
-is no device allocator to ask, so the figure is mixtral_lite.runstats.device_bytes' account
+is no device allocator to ask, so the figure is mixtral_lite.runtime.runstats.device_bytes' account
 of what the model placed on the "device" (parameters, KV ring, expert slot pool) and is
 marked "accounted". Writes benchmarks/results/bench_memory.json and bench_memory.png.
 """
@@ -77,11 +77,11 @@ def child(job: dict) -> dict:
     """Run one configuration in this process; return its memory samples."""
     import torch
 
-    from mixtral_lite.generate import generate_stream
-    from mixtral_lite.kv_cache import kv_cache_bytes
-    from mixtral_lite.model import load_model
-    from mixtral_lite.offloading import make_factory
-    from mixtral_lite.runstats import device_bytes
+    from mixtral_lite.generation.decode import generate_stream
+    from mixtral_lite.model.kv_cache import kv_cache_bytes
+    from mixtral_lite.runtime.load import load_model
+    from mixtral_lite.runtime.offloading import make_factory
+    from mixtral_lite.runtime.runstats import device_bytes
 
     torch.set_num_threads(job["threads"])
     device = torch.device(job["device"])

@@ -34,12 +34,12 @@ from pathlib import Path
 
 import torch
 
-from mixtral_lite.checkpoint import Checkpoint
-from mixtral_lite.config import DTYPES
-from mixtral_lite.experts import expert_function
-from mixtral_lite.model import load_model
-from mixtral_lite.offloading import OffloadedExperts, make_factory, open_experts
-from mixtral_lite.tokenizer import Tokenizer
+from mixtral_lite.model.checkpoint import Checkpoint
+from mixtral_lite.model.config import DTYPES
+from mixtral_lite.model.experts import expert_function
+from mixtral_lite.model.tokenizer import Tokenizer
+from mixtral_lite.runtime.load import load_model
+from mixtral_lite.runtime.offloading import OffloadedExperts, make_factory, open_experts
 from offload.engine import OffloadEngine
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="200 tokens, the --prepack store written natively only, no conversion costs, not written")
     a = p.parse_args(argv)
     from mixtral_lite import default_model_path
-    from mixtral_lite.runstats import write_json_atomic
+    from mixtral_lite.runtime.runstats import write_json_atomic
 
     src = a.model or default_model_path()
     if a.quick:

@@ -123,9 +123,9 @@ def build_runner(job: dict):
     """(run(prompt, n) -> (timestamps, ids), counters() -> dict | None, model) for one configuration."""
     import torch
 
-    from mixtral_lite.generate import generate_stream
-    from mixtral_lite.model import load_model
-    from mixtral_lite.offloading import make_factory, open_experts
+    from mixtral_lite.generation.decode import generate_stream
+    from mixtral_lite.runtime.load import load_model
+    from mixtral_lite.runtime.offloading import make_factory, open_experts
 
     device = torch.device(job["device"])
     dtype = getattr(torch, job["dtype"]) if job.get("dtype") else default_dtype(device)
@@ -137,7 +137,7 @@ def build_runner(job: dict):
     if job["kind"] == "offload":
         factory = make_factory(slots=job["k"], store=job["store"], prefetch=job["prefetch"], policy=job["policy"])
     elif job["kind"] == "naive":
-        from mixtral_lite.experts import expert_function
+        from mixtral_lite.model.experts import expert_function
 
         def factory(cfg, ckpt, dev, dt):
             host, codec = open_experts(cfg, ckpt, job["store"], torch.device(dev), dt)
@@ -259,8 +259,8 @@ def child(job: dict) -> dict:
     """One configuration in this process: load, warm up, time the runs."""
     import torch
 
-    from mixtral_lite.kv_cache import kv_cache_bytes
-    from mixtral_lite.runstats import device_bytes, peak_rss_bytes
+    from mixtral_lite.model.kv_cache import kv_cache_bytes
+    from mixtral_lite.runtime.runstats import device_bytes, peak_rss_bytes
 
     torch.set_num_threads(job["threads"])
     if job["kind"] == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mixtral_lite.checkpoint import Checkpoint, expected_shapes, expert_name
-from mixtral_lite.config import ModelConfig
+from mixtral_lite.model.checkpoint import Checkpoint, expected_shapes, expert_name
+from mixtral_lite.model.config import ModelConfig
 
 EXPERT_MATRICES = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}
 DENSE_MLP = {"gate_proj": "ffn_gate", "down_proj": "ffn_down", "up_proj": "ffn_up"}

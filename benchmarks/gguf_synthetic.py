@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gguf_export import Entry, gguf_writer, plan, write_metadata, write_tensors  # noqa: E402
 from make_synthetic_checkpoint import INIT_STD, PRESETS, hf_config  # noqa: E402
 
-from mixtral_lite.config import ModelConfig  # noqa: E402
+from mixtral_lite.model.config import ModelConfig  # noqa: E402
 
 QK_K = 256  # weights per Q6_K super-block
 Q4_STD = ((16**2 - 1) / 12) ** 0.5  # std of uniform codes 0..15 (q - 8)

@@ -47,7 +47,7 @@ def sanitizer_tests() -> dict:
 
 def greedy(model, n: int) -> tuple[list[int], float]:
     """n greedy ids after PROMPT, and decode seconds (every token after the first)."""
-    from mixtral_lite.generation import generate_stream
+    from mixtral_lite.generation.decode import generate_stream
 
     ids, t_first = [], None
     for step in generate_stream(model, [PROMPT], n, window=256, temperature=0.0):
@@ -69,7 +69,7 @@ def _sync() -> None:
 def load(path, factory=None):
     import torch
 
-    from mixtral_lite.model import load_model
+    from mixtral_lite.runtime.load import load_model
 
     return load_model(path, device=DEVICE, dtype=torch.bfloat16, experts=factory)
 
@@ -82,7 +82,7 @@ def engine_row(model, ids, seconds: float, n: int) -> dict:
 
 def shipped(n: int) -> dict:
     from mixtral_lite import default_model_path
-    from mixtral_lite.offloading import make_factory
+    from mixtral_lite.runtime.offloading import make_factory
 
     rows, want = {}, None
     for name, factory in (("K=8 resident", None), ("K=4 ram", make_factory(slots=4, store="ram")),
@@ -98,7 +98,7 @@ def shipped(n: int) -> dict:
 
 def hybrid(n: int) -> dict:
     from mixtral_lite import default_model_path
-    from mixtral_lite.offloading import make_factory
+    from mixtral_lite.runtime.offloading import make_factory
 
     rows, want = {}, None
     for mode in ("copy", "cpu", "auto"):
@@ -130,8 +130,8 @@ def syncs(n: int) -> dict:
     import torch
 
     from mixtral_lite import default_model_path
-    from mixtral_lite.config import ModelConfig
-    from mixtral_lite.offloading import make_factory
+    from mixtral_lite.model.config import ModelConfig
+    from mixtral_lite.runtime.offloading import make_factory
 
     model = load(default_model_path(), make_factory(slots=4, store="ram"))
     greedy(model, 4)
@@ -162,7 +162,7 @@ def mixtral_1_8(workdir: Path) -> Path:
 
 
 def sweep(path: Path, n: int) -> dict:
-    from mixtral_lite.offloading import make_factory
+    from mixtral_lite.runtime.offloading import make_factory
 
     rows = {}
     for k in (2, 4, 8):
@@ -177,24 +177,20 @@ def sweep(path: Path, n: int) -> dict:
 
 def budget(path: Path, gib: float, n: int) -> dict:
     """A --device-memory run: what the plan said against what the device holds (torch + context)."""
-    import argparse as ap
-
     import torch
 
-    from mixtral_lite.config import ModelConfig
-    from mixtral_lite.offloading import add_args, build
+    from mixtral_lite.model.config import ModelConfig
+    from mixtral_lite.runtime.offloading import build
+    from mixtral_lite.runtime.plan import ExpertChoice, LoadPlan
 
-    p = ap.ArgumentParser()
-    p.add_argument("-c", "--ctx-size", type=int, default=256)
-    p.add_argument("-b", "--batch-size", type=int, default=512)
-    add_args(p)
-    args = p.parse_args(["--device-memory", str(gib)])
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base_free, total = torch.cuda.mem_get_info()
     base_reserved = torch.cuda.memory_reserved()
     cfg = ModelConfig.from_dir(path)
-    model = load(path, build(args, cfg, torch.device("cuda"), torch.bfloat16))
+    plan = LoadPlan(path, cfg, torch.device("cuda"), torch.bfloat16, window=cfg.sliding_window or 256, chunk=512,
+                    experts=ExpertChoice(device_memory=gib))  # -c 256 --device-memory GIB
+    model = load(path, build(plan))
     greedy(model, n)
     free, _ = torch.cuda.mem_get_info()
     reserved = torch.cuda.memory_reserved()
@@ -214,7 +210,7 @@ def expert_ms(repeats: int = 50, shapes: dict = SHAPES) -> dict:
     """ms per expert use, one decoding token, per expert shape (intermediate, hidden)."""
     import torch
 
-    from mixtral_lite.experts import expert_function, swiglu_expert
+    from mixtral_lite.model.experts import expert_function, swiglu_expert
     from offload.fused import FusedCodec, fused_unsupported
     from offload.packing import pack_into, views
     from offload.quant import HQQCodec, QuantSpec, quantize_expert

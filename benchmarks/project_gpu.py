@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from replay_routing import BW_EFFICIENCY, DENSE_WEIGHTS, EXPERTS, LAYER_OVERHEAD_S, LAYERS, admit  # noqa: E402
 from routing_traces import problem_lengths, read_trace  # noqa: E402
 
-from mixtral_lite.offload_args import live_policies  # noqa: E402
+from mixtral_lite.runtime.flags import live_policies  # noqa: E402
 from offload.miss_policy import Costs, MissPolicy, layer_time  # noqa: E402  (the engine's own scheduler)
 from offload.policy import make_policy  # noqa: E402
 

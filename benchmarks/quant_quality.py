@@ -10,7 +10,7 @@ the offload engine, all resident, on the fused kernels where they apply), and me
 - bits/weight of the experts INCLUDING metadata (every byte of the packed buffer), and the
   bytes of one packed expert at this model's size and, computed from the same layout code,
   at Mixtral-8x7B's (w1, w3 [14336, 4096], w2 [4096, 14336]);
-- perplexity on held-out text with mixtral_lite.perplexity (windows of --ctx tokens with BOS,
+- perplexity on held-out text with mixtral_lite.cli.perplexity (windows of --ctx tokens with BOS,
   advancing by --stride, every token scored once);
 - relative logit error vs the unquantized model: ||L_q - L||_F / ||L||_F, averaged over the
   first --err-windows disjoint windows;
@@ -34,13 +34,13 @@ from pathlib import Path
 import torch
 
 from mixtral_lite import default_model_path
-from mixtral_lite.config import ModelConfig
-from mixtral_lite.generation import generate
-from mixtral_lite.model import load_model
-from mixtral_lite.perplexity import perplexity
-from mixtral_lite.qstore import DenseSettings, expert_matrices
-from mixtral_lite.runstats import write_json_atomic
-from mixtral_lite.tokenizer import Tokenizer
+from mixtral_lite.cli.perplexity import perplexity
+from mixtral_lite.generation.decode import generate
+from mixtral_lite.model.config import ModelConfig
+from mixtral_lite.model.qstore import DenseSettings, expert_matrices
+from mixtral_lite.model.tokenizer import Tokenizer
+from mixtral_lite.runtime.load import load_model
+from mixtral_lite.runtime.runstats import write_json_atomic
 from offload.quant import QuantSpec, bits_per_weight, expert_layout
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-hqq", action="store_true", help="no hqq reference row (26-98 s per matrix)")
     p.add_argument("--out", type=Path, default=OUT)
     a = p.parse_args(argv)
-    from mixtral_lite.runstats import write_json_atomic
+    from mixtral_lite.runtime.runstats import write_json_atomic
 
     gen = torch.Generator().manual_seed(0)
     w = (torch.randn(a.shape, generator=gen) * 0.02).bfloat16().float()

@@ -35,10 +35,14 @@ class DevTools:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
 def test_chat_page_streams_a_reply(tmp_path):
-    from mixtral_lite.generate import generate
-    from mixtral_lite.loading import prepare
-    from mixtral_lite.server import build_parser
-    session = prepare(build_parser().parse_args(["-t", "1"]))()
+    from mixtral_lite.generation.decode import generate
+    from mixtral_lite.runtime.device import set_threads
+    from mixtral_lite.runtime.load import open_session
+    from mixtral_lite.runtime.plan import plan_load
+    from mixtral_lite.serve.server import build_parser
+    plan = plan_load(build_parser().parse_args(["-t", "1"]), show_cache_on_cpu=True)  # as the server does
+    set_threads(plan.threads)
+    session = open_session(plan)
     ids = session.tok.encode_chat([{"role": "user", "content": "Who is Emma?"}])
     expected = session.tok.decode(generate(session.model, [ids], 12, window=session.window,
                                            eos_id=session.tok.eos_id)[0])

@@ -11,9 +11,11 @@ import sys
 import termios
 import time
 
-from mixtral_lite.chat import build_parser
-from mixtral_lite.generate import generate
-from mixtral_lite.loading import prepare
+from mixtral_lite.cli.chat import build_parser
+from mixtral_lite.generation.decode import generate
+from mixtral_lite.runtime.device import set_threads
+from mixtral_lite.runtime.load import open_session
+from mixtral_lite.runtime.plan import plan_load
 
 TIMEOUT_S = 60
 
@@ -53,7 +55,9 @@ class Terminal:
 
 def test_chat_interrupt_reuse_stats_reset_and_exit():
     flags = ["-t", "1", "--temperature", "0", "-n", "1000000", "--ignore-eos", "--system", "Be brief."]
-    session = prepare(build_parser().parse_args(flags))()  # the shipped model, offloaded as the chat runs it
+    plan = plan_load(build_parser().parse_args(flags), show_cache_on_cpu=True)  # the shipped model, offloaded
+    set_threads(plan.threads)                                                   # as the chat runs it
+    session = open_session(plan)
     tok = session.tok
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
     reference = tok.decode(generate(session.model, [tok.encode_chat(messages)], 300, window=session.window)[0])

@@ -9,9 +9,10 @@ import sys
 import pytest
 import torch
 
-from mixtral_lite.generate import generate, main
-from mixtral_lite.model import load_model
-from mixtral_lite.tokenizer import Tokenizer
+from mixtral_lite.cli.generate import main
+from mixtral_lite.generation.decode import generate
+from mixtral_lite.model.tokenizer import Tokenizer
+from mixtral_lite.runtime.load import load_model
 
 KEYS = {"prompt_tokens", "generated_tokens", "generated_ids", "load_s", "ttft_s", "decode_tokens_per_s",
         "peak_rss_bytes", "peak_device_bytes", "disk_read_bytes"}

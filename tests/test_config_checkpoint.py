@@ -10,9 +10,9 @@ import torch
 from refs import rewrite_config
 from safetensors.torch import load_file, save_file
 
-from mixtral_lite.checkpoint import Checkpoint, CheckpointError
-from mixtral_lite.config import ConfigError, ModelConfig
-from mixtral_lite.model import load_model
+from mixtral_lite.model.checkpoint import Checkpoint, CheckpointError
+from mixtral_lite.model.config import ConfigError, ModelConfig
+from mixtral_lite.runtime.load import load_model
 
 
 @pytest.fixture

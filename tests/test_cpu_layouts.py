@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixtral_lite.qstore import open_store
+from mixtral_lite.model.qstore import open_store
 from offload import kernels
 from offload.kernels import CPU_LAYOUTS, Int4Mat, int4_self_check, native_cpu_layout, pack_int4_codes
 from offload.packing import views
@@ -102,7 +102,7 @@ _WRITE = """
 import sys, torch
 sys.path.insert(0, "tools")
 import quantize_experts as qe
-from mixtral_lite.qstore import DenseSettings
+from mixtral_lite.model.qstore import DenseSettings
 from offload.quant import QuantSpec
 spec = QuantSpec(4, 64, 1, 8)
 qe.convert(sys.argv[1], sys.argv[2], spec, DenseSettings(QuantSpec(4, 64, 1, 16), False, 8, 8), progress=False,
@@ -111,8 +111,8 @@ qe.convert(sys.argv[1], sys.argv[2], spec, DenseSettings(QuantSpec(4, 64, 1, 16)
 
 _READ = """
 import json, sys, torch
-from mixtral_lite.model import load_model
-from mixtral_lite import offloading
+from mixtral_lite.runtime.load import load_model
+from mixtral_lite.runtime import offloading
 ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
 out = {}
 for name, experts in (("resident", None), ("copy", offloading.make_factory(slots=2, store="mmap")),

@@ -15,10 +15,10 @@ import torch
 from refs import rewrite_config
 from safetensors.torch import load_file, save_file
 
-from mixtral_lite import perplexity as ppl
-from mixtral_lite.generate import main as generate_main
-from mixtral_lite.generation import NonFiniteError, generate
-from mixtral_lite.model import load_model
+from mixtral_lite.cli import perplexity as ppl
+from mixtral_lite.cli.generate import main as generate_main
+from mixtral_lite.generation.decode import NonFiniteError, generate
+from mixtral_lite.runtime.load import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("quantize_experts", ROOT / "tools" / "quantize_experts.py")

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixtral_lite import offloading
-from mixtral_lite.experts import FusedResidentExperts, swiglu_expert, swiglu_fused
-from mixtral_lite.generate import generate
-from mixtral_lite.model import load_model
-from mixtral_lite.qstore import DenseSettings, open_store
+from mixtral_lite.generation.decode import generate
+from mixtral_lite.model.experts import FusedResidentExperts, swiglu_expert, swiglu_fused
+from mixtral_lite.model.qstore import DenseSettings, open_store
+from mixtral_lite.runtime import offloading
+from mixtral_lite.runtime.load import load_model
 from offload.fused import FusedCodec, fused_unsupported
 from offload.kernels import ACT, QuantLinear, int4_specs, pack_int4_codes
 from offload.packing import Layout, pack, views

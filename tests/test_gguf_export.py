@@ -15,7 +15,7 @@ gguf = pytest.importorskip("gguf")
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from gguf_export import export, rope_permute  # noqa: E402
 
-from mixtral_lite.checkpoint import Checkpoint, expert_name  # noqa: E402
+from mixtral_lite.model.checkpoint import Checkpoint, expert_name  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,11 @@ import pytest
 import torch
 from test_offload_synth import make_experts, open_source, reference, write_checkpoint
 
-from mixtral_lite import budget, offloading
-from mixtral_lite.compat import MIN_TORCH, require_torch
-from mixtral_lite.config import ModelConfig
-from mixtral_lite.experts import swiglu_expert
+from mixtral_lite.model.compat import MIN_TORCH, require_torch
+from mixtral_lite.model.config import ModelConfig
+from mixtral_lite.model.experts import swiglu_expert
+from mixtral_lite.runtime import budget, offloading
+from mixtral_lite.runtime.plan import LoadPlan
 from offload.codec import PlainCodec
 from offload.engine import OffloadEngine
 from offload.quant import HQQCodec, QuantSpec, expert_layout
@@ -95,19 +96,8 @@ def test_cuda_without_flags_takes_the_budget_path(mixtral_ref):
     """No K and no --device-memory on CUDA: a factory that sizes K from free memory (no CUDA call yet)."""
     _, path = mixtral_ref
     cfg = ModelConfig.from_dir(path)
-    args = _args()
-    assert offloading.build(args, cfg, torch.device("cpu"), torch.float32) is None
-    assert offloading.build(args, cfg, torch.device("cuda"), torch.bfloat16) is not None
-
-
-def _args(*argv):
-    import argparse
-
-    p = argparse.ArgumentParser()
-    p.add_argument("-c", "--ctx-size", type=int, default=4096)
-    p.add_argument("-b", "--batch-size", type=int, default=512)
-    offloading.add_args(p)
-    return p.parse_args(list(argv))
+    assert offloading.build(LoadPlan(path, cfg, torch.device("cpu"), torch.float32, 4096, 512)) is None
+    assert offloading.build(LoadPlan(path, cfg, torch.device("cuda"), torch.bfloat16, 4096, 512)) is not None
 
 
 def test_12_gib_plan_counts_what_torch_does_not_see():
@@ -159,7 +149,7 @@ def test_naive_streamer_prefills_in_bf16(ckpt):
 
 # -- 6: perplexity offloads as generate does --------------------------------------------------------
 def test_perplexity_takes_the_offload_flags(mixtral_ref, tmp_path, capsys):
-    from mixtral_lite.perplexity import main
+    from mixtral_lite.cli.perplexity import main
 
     _, path = mixtral_ref
     text = tmp_path / "t.txt"
@@ -182,7 +172,7 @@ import psutil, torch  # on Linux psutil itself needs resource: loaded first, as 
 sys.modules["resource"] = None  # what `import resource` finds on Windows
 del mmap.MADV_DONTNEED
 sys.path.insert(0, {str(ROOT / 'tests')!r})
-from mixtral_lite import runstats
+from mixtral_lite.runtime import runstats
 from offload import store
 from test_offload_synth import open_source
 assert runstats.resource is None and runstats.peak_rss_bytes() > 0 and not store.CAN_DROP_PAGES
@@ -196,7 +186,7 @@ print("ok")
 
 # -- hidden costs: plain experts run the resident products; memory beside the allocator's peak ----------
 def test_plain_slots_decode_w1_and_w3_as_one_matrix():
-    from mixtral_lite.experts import expert_function, swiglu_w13
+    from mixtral_lite.model.experts import expert_function, swiglu_w13
     from offload.packing import Layout, pack_into, views
 
     i, d = 32, 16
@@ -221,7 +211,7 @@ def test_plain_slots_decode_w1_and_w3_as_one_matrix():
 
 
 def test_cuda_memory_reported_beside_the_peak():
-    from mixtral_lite.runstats import format_stats
+    from mixtral_lite.runtime.runstats import format_stats
 
     stats = {"load_s": 1.0, "prompt_tokens": 3, "ttft_s": 0.1, "generated_tokens": 4, "decode_tokens_per_s": 9.0,
              "peak_rss_bytes": GIB, "peak_device_bytes": 2 * GIB, "device": "cuda:0",

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mixtral_lite import offloading
-from mixtral_lite.config import ModelConfig
-from mixtral_lite.generation import generate_stream
-from mixtral_lite.model import load_model
+from mixtral_lite.generation.decode import generate_stream
+from mixtral_lite.model.config import ModelConfig
+from mixtral_lite.runtime import offloading
+from mixtral_lite.runtime.load import load_model
 from offload.hostsync import observe
 
 PROMPT = [1, 415, 2936, 9060, 285, 1142, 28705]

@@ -58,8 +58,8 @@ def test_store_dequantizes_like_the_hqq_store(mixtral_q_ref, tmp_path):
     import importlib.util
     from pathlib import Path
 
-    from mixtral_lite.checkpoint import Checkpoint, expert_name
-    from mixtral_lite.qstore import open_store
+    from mixtral_lite.model.checkpoint import Checkpoint, expert_name
+    from mixtral_lite.model.qstore import open_store
     from offload.quant import QuantSpec
 
     root = Path(__file__).resolve().parents[1]

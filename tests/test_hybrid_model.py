@@ -9,9 +9,9 @@ import torch
 from test_fused import PROMPTS, _logits, fused_store  # noqa: F401  (the module's fixture)
 from test_offload_model import PROMPT, greedy_logits, parse
 
-from mixtral_lite import offloading
-from mixtral_lite.config import ModelConfig
-from mixtral_lite.model import load_model
+from mixtral_lite.model.config import ModelConfig
+from mixtral_lite.runtime import offloading
+from mixtral_lite.runtime.load import load_model
 from offload.miss_policy import MissPolicy
 
 
@@ -53,7 +53,7 @@ def test_fused_store_misses_on_the_host_equal_resident(fused_store, name):  # no
 
 
 def test_flags_reach_the_engine(mixtral_ref, tmp_path, capsys):
-    from mixtral_lite.generate import main
+    from mixtral_lite.cli.generate import main
 
     _, path = mixtral_ref
     base = ["-m", str(path), "-p", "It is a truth", "-n", "6", "--temperature", "0", "--ignore-eos"]

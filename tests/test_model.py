@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from mixtral_lite.generate import generate
-from mixtral_lite.model import load_model
+from mixtral_lite.generation.decode import generate
+from mixtral_lite.runtime.load import load_model
 
 REFS = ["mixtral_ref", "mistral_ref"]
 

@@ -9,10 +9,12 @@ import json
 import pytest
 import torch
 
-from mixtral_lite import offloading
-from mixtral_lite.config import ModelConfig
-from mixtral_lite.generate import generate
-from mixtral_lite.model import load_model
+from mixtral_lite.generation.decode import generate
+from mixtral_lite.model.config import ModelConfig
+from mixtral_lite.runtime import budget, offloading
+from mixtral_lite.runtime.flags import add_model_args, live_policies
+from mixtral_lite.runtime.load import load_model
+from mixtral_lite.runtime.plan import plan_load
 
 PROMPT = [1, 415, 2936, 9060, 285, 1142, 28705, 28770, 28723, 851, 349, 264, 1369]  # 13 tokens
 
@@ -79,19 +81,20 @@ def test_batched_generate_equal_with_offloading(mixtral_ref):
 
 def parse(*argv: str):
     p = argparse.ArgumentParser()
-    p.add_argument("-c", "--ctx-size", type=int, default=4096)
-    p.add_argument("-b", "--batch-size", type=int, default=512)
-    offloading.add_args(p)
+    add_model_args(p)
     return p.parse_args(list(argv))
+
+
+def build(path, *argv: str):
+    """The experts factory generate would load `path` with, on the CPU, given these flags."""
+    return offloading.build(plan_load(parse("-m", str(path), "--device", "cpu", *argv)))
 
 
 def test_build_turns_offloading_on_only_when_asked(mixtral_ref):
     _, path = mixtral_ref
-    cfg = ModelConfig.from_dir(path)
-    assert offloading.build(parse(), cfg, torch.device("cpu"), torch.float32) is None
-    assert offloading.build(parse("--experts-per-layer", "4"), cfg, torch.device("cpu"), torch.float32) is None
-    factory = offloading.build(parse("--experts-per-layer", "3", "--store", "mmap", "--prefetch", "off"),
-                               cfg, torch.device("cpu"), torch.float32)
+    assert build(path) is None
+    assert build(path, "--experts-per-layer", "4") is None
+    factory = build(path, "--experts-per-layer", "3", "--store", "mmap", "--prefetch", "off")
     model = load_model(path, experts=factory)
     assert not model.experts.wants_guess and model.experts.engine.cache.slots == 3
 
@@ -104,8 +107,8 @@ def test_build_turns_offloading_on_only_when_asked(mixtral_ref):
 ])
 def test_bad_flags_name_the_flag(mixtral_ref, argv, message):
     _, path = mixtral_ref
-    with pytest.raises(SystemExit, match=message):
-        offloading.build(parse(*argv), ModelConfig.from_dir(path), torch.device("cpu"), torch.float32)
+    with pytest.raises(SystemExit, match=message):  # when the plan is made, before anything loads
+        plan_load(parse("-m", str(path), "--device", "cpu", *argv))
 
 
 def test_device_memory_must_be_positive_and_finite(capsys):
@@ -116,12 +119,12 @@ def test_device_memory_must_be_positive_and_finite(capsys):
 
 
 def test_cache_policy_offers_live_policies_only(resident, capsys):
-    assert "lru" in offloading.live_policies() and "belady" not in offloading.live_policies()
+    assert "lru" in live_policies() and "belady" not in live_policies()
     with pytest.raises(SystemExit):
         parse("--cache-policy", "belady")
     assert "--cache-policy: invalid choice: 'belady'" in capsys.readouterr().err
     path, (want_tokens, want_logits) = resident
-    for name in offloading.live_policies():  # any policy: same output, only hit rates differ
+    for name in live_policies():  # any policy: same output, only hit rates differ
         model = load_model(path, experts=offloading.make_factory(slots=2, policy=name))
         tokens, logits = greedy_logits(model, PROMPT, 12)
         assert tokens == want_tokens and torch.equal(logits, want_logits), name
@@ -130,29 +133,27 @@ def test_cache_policy_offers_live_policies_only(resident, capsys):
 def test_device_memory_picks_k_or_says_what_it_needs(mixtral_ref, capsys):
     _, path = mixtral_ref
     cfg = ModelConfig.from_dir(path)
-    dense = offloading.dense_bytes(cfg, torch.float32)
-    kv, act = offloading.runtime_bytes(cfg, torch.float32, 4096, 512)
+    dense = budget.dense_bytes(cfg, torch.float32)
+    kv, act = budget.runtime_bytes(cfg, torch.float32, 4096, 512)
     expert = 3 * cfg.intermediate_size * cfg.hidden_size * 4
     for k in (2, 3):
-        gib = (dense + kv + act + k * cfg.num_layers * expert + 100) / offloading.GIB
-        model = load_model(path, experts=offloading.build(parse("--device-memory", f"{gib!r}"), cfg,
-                                                          torch.device("cpu"), torch.float32))
+        gib = (dense + kv + act + k * cfg.num_layers * expert + 100) / budget.GIB
+        model = load_model(path, experts=build(path, "--device-memory", f"{gib!r}"))
         assert model.experts.engine.cache.slots == k
         assert f"-> {k} experts per layer" in capsys.readouterr().err
-    gib = (dense + kv + act + cfg.num_layers * expert) / offloading.GIB
-    factory = offloading.build(parse("--device-memory", f"{gib!r}"), cfg, torch.device("cpu"), torch.float32)
+    gib = (dense + kv + act + cfg.num_layers * expert) / budget.GIB
+    factory = build(path, "--device-memory", f"{gib!r}")
     with pytest.raises(SystemExit, match=r"--device-memory .* GiB is too small: dense weights .* needs at least"):
         load_model(path, experts=factory)
 
 
 def test_dense_model_rejects_expert_flags(mistral_ref):
     _, path = mistral_ref
-    cfg = ModelConfig.from_dir(path)
-    assert offloading.build(parse(), cfg, torch.device("cpu"), torch.float32) is None
+    assert build(path) is None
     with pytest.raises(SystemExit, match="--experts-per-layer: the model is dense"):
-        offloading.build(parse("--experts-per-layer", "2"), cfg, torch.device("cpu"), torch.float32)
+        build(path, "--experts-per-layer", "2")
     with pytest.raises(SystemExit, match="--device-memory 0.001 GiB is too small for the dense model"):
-        offloading.build(parse("--device-memory", "0.001"), cfg, torch.device("cpu"), torch.float32)
+        build(path, "--device-memory", "0.001")
 
 
 OFFLOAD_KEYS = {"expert_hits", "expert_misses", "hit_rate", "prefetch_issued", "prefetch_used", "prefetch_recall",
@@ -162,7 +163,7 @@ OFFLOAD_KEYS = {"expert_hits", "expert_misses", "hit_rate", "prefetch_issued", "
 @pytest.mark.parametrize("flags", [("--experts-per-layer", "2", "--store", "mmap"),
                                    ("--experts-per-layer", "3", "--prefetch", "off", "--cache-policy", "lfu")])
 def test_cli_offloaded_run_prints_the_same_text_and_reports_stats(mixtral_ref, tmp_path, capsys, flags):
-    from mixtral_lite.generate import main
+    from mixtral_lite.cli.generate import main
 
     _, path = mixtral_ref
     base = ["-m", str(path), "-p", "It is a truth", "-n", "8", "--temperature", "0", "--ignore-eos"]

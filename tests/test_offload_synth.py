@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mixtral_lite.experts import run_grouped, swiglu_expert
+from mixtral_lite.model.experts import run_grouped, swiglu_expert
 from offload.codec import PlainCodec
 from offload.engine import OffloadEngine
 from offload.store import RamStore, SafetensorsSource

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from mixtral_lite.model import load_model
-from mixtral_lite.perplexity import main, perplexity, windows
+from mixtral_lite.cli.perplexity import main, perplexity, windows
+from mixtral_lite.runtime.load import load_model
 
 # ctx 5 = BOS + 4 text tokens, stride 2, 10 text tokens: worked out by hand (module docstring)
 HAND_WINDOWS = [(0, 4, 0), (2, 6, 4), (4, 8, 6), (6, 10, 8)]

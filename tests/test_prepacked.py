@@ -9,12 +9,12 @@ import pytest
 import torch
 from test_fused import PROMPTS, _logits, qe
 
-from mixtral_lite import offloading
-from mixtral_lite.checkpoint import CheckpointError
-from mixtral_lite.experts import FusedResidentExperts
-from mixtral_lite.generate import generate
-from mixtral_lite.model import load_model
-from mixtral_lite.qstore import DenseSettings, QStore, open_store
+from mixtral_lite.generation.decode import generate
+from mixtral_lite.model.checkpoint import CheckpointError
+from mixtral_lite.model.experts import FusedResidentExperts
+from mixtral_lite.model.qstore import DenseSettings, QStore, open_store
+from mixtral_lite.runtime import offloading
+from mixtral_lite.runtime.load import load_model
 from offload.kernels import CPU_LAYOUTS, native_cpu_layout
 from offload.prepacked import PrepackedCodec, packing_name
 from offload.quant import QuantSpec

@@ -1,4 +1,4 @@
-"""tools/quantize_experts.py + mixtral_lite/qstore.py: quantize -> load -> generate, crash safety, checksums."""
+"""tools/quantize_experts.py + mixtral_lite/model/qstore.py: quantize -> load -> generate, crash safety, checksums."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mixtral_lite import offloading
-from mixtral_lite.checkpoint import Checkpoint, CheckpointError
-from mixtral_lite.config import ModelConfig
-from mixtral_lite.generate import generate
-from mixtral_lite.generate import main as generate_main
-from mixtral_lite.model import load_model
-from mixtral_lite.qstore import MANIFEST, DenseSettings, expert_matrices, is_quantized_store, open_store
+from mixtral_lite.cli.generate import main as generate_main
+from mixtral_lite.generation.decode import generate
+from mixtral_lite.model.checkpoint import Checkpoint, CheckpointError
+from mixtral_lite.model.config import ModelConfig
+from mixtral_lite.model.qstore import MANIFEST, DenseSettings, expert_matrices, is_quantized_store, open_store
+from mixtral_lite.runtime import offloading
+from mixtral_lite.runtime.load import load_model
 from offload.kernels import QuantLinear
 from offload.quant import QuantSpec, expert_layout
 from offload.store import StoreError, read_header

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mixtral_lite.runstats import disk_read_bytes, format_stats
+from mixtral_lite.runtime.runstats import disk_read_bytes, format_stats
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="posix_fadvise and /proc/self/io are Linux's")

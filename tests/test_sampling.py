@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mixtral_lite.sampling import filter_logits, sample
+from mixtral_lite.generation.sampling import filter_logits, sample
 
 # a hand-built distribution with well separated cumulative sums: 0.5, 0.8, 0.95, 1.0
 PROBS = [0.5, 0.3, 0.15, 0.05]

@@ -13,10 +13,12 @@ import openai
 import pytest
 from serving import metric, running_server
 
-from mixtral_lite.generate import generate
-from mixtral_lite.generate import main as generate_main
-from mixtral_lite.loading import prepare
-from mixtral_lite.server import build_parser
+from mixtral_lite.cli.generate import main as generate_main
+from mixtral_lite.generation.decode import generate
+from mixtral_lite.runtime.device import set_threads
+from mixtral_lite.runtime.load import open_session
+from mixtral_lite.runtime.plan import plan_load
+from mixtral_lite.serve.server import build_parser
 
 MODEL = "austen-mixtral"
 QUESTIONS = ["Who is Emma?", "Describe the ball at Netherfield.", "Write a letter to Jane.", "What is Bath like?"]
@@ -37,7 +39,9 @@ def client(server):
 @pytest.fixture(scope="module")
 def ref():
     """Greedy ids and text of `generate` on the server's model (same defaults: shipped model, K=4)."""
-    session = prepare(build_parser().parse_args(["-t", "1"]))()
+    plan = plan_load(build_parser().parse_args(["-t", "1"]), show_cache_on_cpu=True)  # as the server does
+    set_threads(plan.threads)
+    session = open_session(plan)
     tok = session.tok
 
     def run(ids: list[int], n: int) -> tuple[list[int], str]:

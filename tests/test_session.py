@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from mixtral_lite.generate import generate
-from mixtral_lite.model import load_model
-from mixtral_lite.session import Generation, Params, Session
-from mixtral_lite.stops import StopStrings
-from mixtral_lite.tokenizer import Tokenizer
+from mixtral_lite.generation.decode import generate
+from mixtral_lite.generation.session import Generation, Params, Session
+from mixtral_lite.generation.stops import StopStrings
+from mixtral_lite.model.tokenizer import Tokenizer
+from mixtral_lite.runtime.load import load_model
 
 
 def test_stop_string_split_over_pieces():

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from mixtral_lite import default_model_path
-from mixtral_lite.generate import generate
-from mixtral_lite.model import load_model
-from mixtral_lite.perplexity import perplexity
-from mixtral_lite.tokenizer import Tokenizer
+from mixtral_lite.cli.perplexity import perplexity
+from mixtral_lite.generation.decode import generate
+from mixtral_lite.model.tokenizer import Tokenizer
+from mixtral_lite.runtime.load import load_model
 
 MODEL = default_model_path()
 # the held-out Austen texts; MIXTRAL_LITE_CORPUS=DIR points elsewhere (default: ../shared/data/corpus)

@@ -67,7 +67,7 @@ def test_config_is_real_mixtral_style_and_weights_are_scaled(tiny):
 
 
 def test_mixtral_lite_reads_it(tiny):
-    from mixtral_lite.checkpoint import Checkpoint
+    from mixtral_lite.model.checkpoint import Checkpoint
 
     ckpt = Checkpoint(tiny)
     assert set(ckpt.names()) == set(read_all(tiny))

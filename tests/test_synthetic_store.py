@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mixtral_lite import offloading
-from mixtral_lite.generate import generate
-from mixtral_lite.model import load_model
+from mixtral_lite.generation.decode import generate
+from mixtral_lite.runtime import offloading
+from mixtral_lite.runtime.load import load_model
 from offload.quant import _PACK, QuantSpec, quantize_matrix
 from offload.store import StoreError
 

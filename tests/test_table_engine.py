@@ -17,7 +17,7 @@ import pytest
 import torch
 from test_fused import qe
 
-from mixtral_lite.qstore import STACK, DenseSettings, open_store
+from mixtral_lite.model.qstore import STACK, DenseSettings, open_store
 from offload.fused import FusedCodec
 from offload.packing import views
 from offload.quant import QuantSpec

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from mixtral_lite.tokenizer import StreamingDetokenizer, Tokenizer
+from mixtral_lite.model.tokenizer import StreamingDetokenizer, Tokenizer
 
 MODEL = importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1"
 

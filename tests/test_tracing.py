@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from mixtral_lite.generate import main
-from mixtral_lite.tokenizer import Tokenizer
+from mixtral_lite.cli.generate import main
+from mixtral_lite.model.tokenizer import Tokenizer
 
 
 @pytest.mark.parametrize("extra", [[], ["--experts-per-layer", "2"]])

@@ -33,9 +33,9 @@ from quantize_experts import DEFAULT_GROUP  # noqa: E402
 from store_converter import Converter, QuantizeError, run_converter  # noqa: E402
 from store_writing import Progress, atomic_copy  # noqa: E402
 
-from mixtral_lite.checkpoint import CheckpointError, expected_shapes
-from mixtral_lite.config import ModelConfig
-from mixtral_lite.qstore import DenseSettings
+from mixtral_lite.model.checkpoint import CheckpointError, expected_shapes
+from mixtral_lite.model.config import ModelConfig
+from mixtral_lite.model.qstore import DenseSettings
 from offload.quant import METHODS, QuantSpec
 
 

@@ -46,7 +46,7 @@ def __getattr__(name: str):
 
 def _settings(a):
     """(expert QuantSpec, DenseSettings) from the flags."""
-    from mixtral_lite.qstore import DenseSettings
+    from mixtral_lite.model.qstore import DenseSettings
     from offload.kernels import INT4_GROUPS
     from offload.quant import QuantSpec
 
@@ -102,7 +102,7 @@ def _run(a) -> int:
     from quantize_checks import check_flags
     from store_converter import QuantizeError, convert
 
-    from mixtral_lite.checkpoint import CheckpointError
+    from mixtral_lite.model.checkpoint import CheckpointError
 
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ is a folder o
 from quantize_checks import store_differences  # noqa: E402
 from store_writing import Journal, Progress, StreamWriter, atomic_copy, atomic_write  # noqa: E402
 
-from mixtral_lite.checkpoint import INDEX, SINGLE, Checkpoint, check_finite, expert_name, shard_map
-from mixtral_lite.qstore import (
+from mixtral_lite.model.checkpoint import INDEX, SINGLE, Checkpoint, check_finite, expert_name, shard_map
+from mixtral_lite.model.qstore import (
     DENSE,
     FORMAT,
     MANIFEST,

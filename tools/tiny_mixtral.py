@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixtral_lite.model import RMSNorm, rotate, signed_sin  # the runtime's own: what it trains is what runs
+from mixtral_lite.model.transformer import RMSNorm, rotate, signed_sin  # the runtime's own: what it trains is what runs
 
 
 @dataclass

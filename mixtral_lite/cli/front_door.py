@@ -1,7 +1,8 @@
-"""The front door every command shares: flag types, one-line errors, signals, standard streams.
+"""The front door of the commands: one-line errors, signals, standard streams, --version.
 
-Importing this module costs nothing (no torch): the commands parse their arguments first and
-import the model code afterwards, so `--help` and every flag error answer at once.
+Importing this module costs nothing (no torch): the commands parse their arguments first (the
+flags themselves are defined in mixtral_lite/runtime/flags.py) and import the model code
+afterwards, so `--help` and every flag error answer at once.
 
     with front_door():            # any error below prints one line "error: ..." and exits 2
         ...                       # Ctrl-C exits 130, SIGTERM 143, without a traceback
@@ -12,16 +13,13 @@ Set MIXTRAL_LITE_TRACEBACK=1 to see the traceback of an unexpected error.
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import secrets
 import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 EXIT_ERROR = 2  # argparse's status for bad input; quantize_experts uses it too
-DTYPE_NAMES = ("bfloat16", "float16", "float32")  # = sorted(config.DTYPES), without importing torch
 
 
 class Exit(SystemExit):
@@ -51,65 +49,6 @@ def version() -> str:
 
 def add_version(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", action="version", version=f"mixtral-lite {version()}")
-
-
-def int_range(lo: int | None = None, hi: int | None = None, what: str = "an integer"):
-    """argparse type: an integer in [lo, hi]; the message says the range."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"{value} is out of range: must be {what}")
-        return value
-    return parse
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0 (rejects nan and inf)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0")
-    return value
-
-
-POSITIVE = int_range(1, what=">= 1")
-NON_NEGATIVE = int_range(0, what=">= 0")
-SEED = int_range(-1, (1 << 64) - 1, what="-1 (random) or between 0 and 2**64 - 1")
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The flags of every command that loads a model to generate with (generate, server, chat)."""
-    p.add_argument("-m", "--model", type=Path, help="checkpoint folder (default: the shipped Austen model)")
-    p.add_argument("-c", "--ctx-size", type=POSITIVE, default=4096,
-                   help="KV window when the model has no sliding_window; a window shorter than the "
-                        "text is an approximation (Mixtral-8x7B has no sliding window)")
-    p.add_argument("-b", "--batch-size", type=POSITIVE, default=512, help="prompt tokens per prefill chunk")
-    p.add_argument("-t", "--threads", type=POSITIVE,
-                   help="CPU threads for torch (default: the physical cores, fewer when others are busy)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: float32 on cpu, the checkpoint's on cuda")
-    from .offload_args import add_args  # no torch either
-
-    add_args(p)
-
-
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=NON_NEGATIVE, default=40, help="0 = off")
-    p.add_argument("--top-p", type=float, default=0.95, help="1 = off")
-    p.add_argument("-s", "--seed", type=SEED, default=-1, help="sampling seed (default -1: random, printed)")
-
-
-def resolve_seed(args, what: str) -> None:
-    """-s -1: draw a random seed and print it on stderr, so that the `what` can be repeated."""
-    if args.seed == -1:
-        args.seed = secrets.randbits(63)
-        print(f"seed: {args.seed} (-s {args.seed} repeats this {what})", file=sys.stderr)
 
 
 def fail(message: str, status: int = EXIT_ERROR) -> Exit:

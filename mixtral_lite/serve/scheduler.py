@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .session import Generation, Session
+from ..generation.session import Generation, Session
 
 DONE = None  # what a job's queue receives after the last text
 

@@ -13,7 +13,7 @@ import torch
 
 from offload.hostsync import to_host
 
-from .model import Transformer
+from ..model.transformer import Transformer
 from .sampling import sample
 
 

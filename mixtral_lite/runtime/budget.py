@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import expected_shapes
-from .config import ModelConfig
-from .kv_cache import kv_cache_bytes
+from ..model.checkpoint import expected_shapes
+from ..model.config import ModelConfig
+from ..model.kv_cache import kv_cache_bytes
 
 GIB, MIB = 1 << 30, 1 << 20
 CUDA_CONTEXT = 512 * MIB  # context + module images: 0.3-0.5 GiB on current drivers

@@ -1,4 +1,4 @@
-"""`generate --dry-run`: the memory plan of a run, from config.json and the flags alone.
+"""`generate --dry-run`: what a LoadPlan would allocate, from config.json and the flags alone.
 
 No weight is read, so a user can size a run (and choose -c, K, --store) before downloading a
 checkpoint: a folder holding only the model's config.json is enough (plus manifest.json for a
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .config import DTYPES, ModelConfig
-from .offloading import GIB, dense_bytes, runtime_bytes, slots_for_budget
+from ..model.config import DTYPES, ModelConfig
+from .budget import GIB, choose_slots, dense_bytes, runtime_bytes
+from .plan import LoadPlan
 
 MIB = 1 << 20
 
@@ -32,34 +33,37 @@ def expert_bytes(cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device: 
     return weights * slot_dtype.itemsize, weights * file_dtype.itemsize
 
 
-def make_plan(args, cfg: ModelConfig, model_dir: Path, device: torch.device, dtype: torch.dtype,
-              window: int) -> dict:
+def figures(plan: LoadPlan) -> dict:
     """The figures --dry-run prints; K as the run would choose it."""
-    kv, act = runtime_bytes(cfg, dtype, window, args.batch_size)
-    plan = {"model": str(model_dir), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-            "window": window, "dense_bytes": dense_bytes(cfg, dtype), "kv_cache_bytes": kv,
-            "activation_bytes": act}
+    cfg, model_dir, device, dtype = plan.config, plan.model_dir, plan.device, plan.dtype
+    window, e = plan.window, plan.experts
+    kv, act = runtime_bytes(cfg, dtype, window, plan.chunk)
+    out = {"model": str(model_dir), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+           "window": window, "dense_bytes": dense_bytes(cfg, dtype), "kv_cache_bytes": kv,
+           "activation_bytes": act}
     if cfg.is_moe:
         slot, host = expert_bytes(cfg, model_dir, dtype, device)
-        k = args.experts_per_layer
-        if args.device_memory is not None:
-            k = slots_for_budget(args, cfg, dtype, slot, device=device)
+        k = e.per_layer
+        if e.device_memory is not None:
+            k = choose_slots(cfg, dtype, slot, window=window, chunk=plan.chunk, device=device, scratch=0,
+                             gib=e.device_memory, dense=dense_bytes(cfg, dtype)).k
         k = k or cfg.num_experts
-        offloaded = k < cfg.num_experts or args.store is not None or (model_dir / "manifest.json").is_file()
-        store = (args.store or "ram") if offloaded else "resident"
+        offloaded = k < cfg.num_experts or e.store is not None or (model_dir / "manifest.json").is_file()
+        store = (e.store or "ram") if offloaded else "resident"
         all_host = cfg.num_layers * cfg.num_experts * host
-        plan |= {"experts_per_layer": k, "num_experts": cfg.num_experts, "store": store,
-                 "expert_slot_bytes": slot, "device_expert_bytes": cfg.num_layers * k * slot,
-                 "host_expert_bytes": all_host if store == "ram" else 0,
-                 "pinned_bytes": all_host if store == "ram" and device.type == "cuda" else 0,
-                 "mmapped_bytes": all_host if store == "mmap" else 0}
-    device_total = plan["dense_bytes"] + kv + act + plan.get("device_expert_bytes", 0)
-    plan["device_total_bytes"] = device_total
-    plan["host_ram_bytes"] = plan.get("host_expert_bytes", 0) + (device_total if device.type == "cpu" else 0)
-    return plan
+        out |= {"experts_per_layer": k, "num_experts": cfg.num_experts, "store": store,
+                "expert_slot_bytes": slot, "device_expert_bytes": cfg.num_layers * k * slot,
+                "host_expert_bytes": all_host if store == "ram" else 0,
+                "pinned_bytes": all_host if store == "ram" and device.type == "cuda" else 0,
+                "mmapped_bytes": all_host if store == "mmap" else 0}
+    device_total = out["dense_bytes"] + kv + act + out.get("device_expert_bytes", 0)
+    out["device_total_bytes"] = device_total
+    out["host_ram_bytes"] = out.get("host_expert_bytes", 0) + (device_total if device.type == "cpu" else 0)
+    return out
 
 
-def format_plan(plan: dict) -> str:
+def format_figures(plan: dict) -> str:
+    """figures() as the table --dry-run prints."""
     def gib(key: str) -> str:
         return f"{plan[key] / GIB:.2f} GiB" if plan[key] >= GIB else f"{plan[key] / MIB:.1f} MiB"
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model import Transformer
+from ..model.tokenizer import StreamingDetokenizer, Tokenizer
+from ..model.transformer import Transformer
 from .sampling import sample
 from .stops import StopStrings
-from .tokenizer import StreamingDetokenizer, Tokenizer
 
 
 @dataclass

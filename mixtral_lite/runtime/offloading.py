@@ -1,16 +1,15 @@
-"""Mixtral's experts through the offload engine: the ExpertProvider, the CLI flags, the budget.
+"""Mixtral's experts through the offload engine: the factory that turns a plan's expert choice into an
+ExpertProvider over an `OffloadEngine`.
 
 This is where the model meets `offload/`: it names the expert tensors (HF
 `...experts.{e}.w1|w2|w3.weight`, or the quantized store's packed tensor), supplies the
-expert math (SwiGLU), and turns flags into an `OffloadEngine`:
+expert math (SwiGLU, model/experts.py), and builds the engine from the plan (runtime/plan.py):
 
-    --experts-per-layer K   device slots per layer (top_k <= K <= num_experts)
-    --store {ram,mmap}      experts' host home: packed in RAM (pinned on CUDA) or read in place
-    --prefetch {off,next}   speculative loads from the next layer's router (default next)
-    --device-memory GB      choose K from a device budget instead (GiB; mixtral_lite/budget.py)
-    (none of them, on CUDA) K from the free device memory, never every expert blindly
-    --cache-policy NAME     eviction policy (offload/policy.py)
-    --miss-policy {auto,copy,cpu}  where a miss runs (offload/miss_policy.py); --cpu-threads N its host threads
+    K slots per layer       --experts-per-layer, or from --device-memory / the free CUDA memory (budget.py)
+    host store              --store ram (packed in RAM, pinned on CUDA) | mmap (read in place)
+    prefetch                --prefetch next: speculative loads from the next layer's router
+    eviction                --cache-policy (offload/policy.py)
+    where a miss runs       --miss-policy auto|copy|cpu (offload/miss_policy.py), --cpu-threads N
 """
 
 from __future__ import annotations
@@ -28,11 +27,12 @@ from offload.miss_policy import MissPolicy
 from offload.prepacked import PrepackedCodec
 from offload.store import RamStore, SafetensorsSource
 
-from .budget import GIB, DevicePlan, check_reserved, choose_slots, dense_bytes, runtime_bytes  # noqa: F401
-from .checkpoint import expert_name
-from .config import ModelConfig
-from .experts import FusedResidentExperts, expert_function
-from .offload_args import add_args, live_policies  # noqa: F401  (their home before)
+from ..model.build import resident_experts
+from ..model.checkpoint import expert_name
+from ..model.config import ModelConfig
+from ..model.experts import FusedResidentExperts, expert_function
+from .budget import DevicePlan, check_reserved, choose_slots, dense_bytes
+from .plan import LoadPlan
 
 ROLES = ("w1", "w2", "w3")  # the order swiglu_expert takes them
 STACKED_ORDER = ("w1", "w3", "w2")  # their order in a slot
@@ -63,18 +63,12 @@ class OffloadedExperts:
         return self.engine.stats()
 
 
-def slots_for_budget(args, cfg: ModelConfig, dtype: torch.dtype, expert_bytes: int, scratch: int = 0,
-                     device: torch.device | None = None) -> int:
-    """K from --device-memory (see mixtral_lite/budget.py); error naming the flag when top_k slots do not fit."""
-    return _plan(args, cfg, dtype, expert_bytes, scratch, device or torch.device("cpu"), args.device_memory).k
-
-
-def _plan(args, cfg: ModelConfig, dtype, slot_bytes: int, scratch: int, device, gib: float | None,
-          ckpt=None) -> DevicePlan:
-    # without flags (load_model's default for stores): generate's default -c 4096
-    window = cfg.sliding_window or getattr(args, "ctx_size", None) or min(cfg.max_position_embeddings, 4096)
-    return choose_slots(cfg, dtype, slot_bytes, window=window, chunk=getattr(args, "batch_size", None) or 512,
-                        device=device, scratch=scratch, gib=gib, dense=dense_bytes(cfg, dtype, ckpt))
+def _device_plan(cfg: ModelConfig, dtype, slot_bytes: int, scratch: int, device, gib: float | None,
+                 window: int | None, chunk: int | None, ckpt=None) -> DevicePlan:
+    # without a LoadPlan (load_model's default for stores): generate's default -c 4096 and -b 512
+    window = cfg.sliding_window or window or min(cfg.max_position_embeddings, 4096)
+    return choose_slots(cfg, dtype, slot_bytes, window=window, chunk=chunk or 512, device=device, scratch=scratch,
+                        gib=gib, dense=dense_bytes(cfg, dtype, ckpt))
 
 
 def scratch_bytes(codec, host, device: torch.device) -> int:
@@ -85,54 +79,30 @@ def scratch_bytes(codec, host, device: torch.device) -> int:
     return n
 
 
-def _validate(args, cfg: ModelConfig) -> None:
-    k = args.experts_per_layer
-    if k is not None and args.device_memory is not None:
-        raise SystemExit("error: give either --experts-per-layer or --device-memory, not both")
+def build(plan: LoadPlan):
+    """The experts factory the plan asks for, or None when every expert stays resident."""
+    cfg, e = plan.config, plan.experts
     if not cfg.is_moe:
-        if k is not None or args.store is not None:
-            flag = "--experts-per-layer" if k is not None else "--store"
-            raise SystemExit(f"error: {flag}: the model is dense (no experts to offload)")
-        return
-    if k is not None and not cfg.experts_per_tok <= k <= cfg.num_experts:
-        raise SystemExit(f"error: --experts-per-layer {k}: must be between experts_per_tok "
-                         f"({cfg.experts_per_tok}) and num_experts ({cfg.num_experts})")
-    if args.device_memory is not None and args.device_memory <= 0:
-        raise SystemExit(f"error: --device-memory {args.device_memory:g}: must be a positive number of GiB")
-
-
-def build(args, config: ModelConfig, device: torch.device, dtype: torch.dtype):
-    """The experts factory load_model takes, or None when every expert stays resident."""
-    _validate(args, config)
-    if not config.is_moe:
-        if args.device_memory is not None:
-            need = dense_bytes(config, dtype) + sum(runtime_bytes(
-                config, dtype, config.sliding_window or args.ctx_size, args.batch_size))
-            if need > args.device_memory * GIB:
-                raise SystemExit(f"error: --device-memory {args.device_memory:g} GiB is too small for the "
-                                 f"dense model ({need / GIB:.2f} GiB with KV cache and activations)")
         return None
-    k = args.experts_per_layer
-    if (k is None or k == config.num_experts) and args.store is None and args.device_memory is None:
-        if k is None and device.type == "cuda":  # a quantized store must not ask for all its experts
-            return make_factory(slots=None, prefetch=args.prefetch == "next", policy=args.cache_policy,
-                                budget_args=args, resident_checkpoints=True, **_miss_args(args))
+    k = e.per_layer
+    common = {"prefetch": e.prefetch, "policy": e.cache_policy, "miss_policy": e.miss_policy,
+              "cpu_threads": e.cpu_threads, "window": plan.window, "chunk": plan.chunk}
+    if (k is None or k == cfg.num_experts) and e.store is None and e.device_memory is None:
+        if k is None and plan.device.type == "cuda":  # a quantized store must not ask for all its experts
+            return make_factory(slots=None, resident_checkpoints=True, **common)
         return None
-    return make_factory(slots=k, store=args.store or "ram", prefetch=args.prefetch == "next",
-                        policy=args.cache_policy, budget_args=args if k is None else None, **_miss_args(args))
-
-
-def _miss_args(args) -> dict:
-    return {"miss_policy": getattr(args, "miss_policy", None), "cpu_threads": getattr(args, "cpu_threads", None)}
+    return make_factory(slots=k, store=e.store or "ram", device_memory=e.device_memory, **common)
 
 
 def make_factory(*, slots: int | None, store: str = "ram", prefetch: bool = True, policy: str = "lru",
-                 budget_args=None, transfer=None, resident_checkpoints: bool = False,
+                 device_memory: float | None = None, window: int | None = None, chunk: int | None = None,
+                 transfer=None, resident_checkpoints: bool = False,
                  miss_policy: str | MissPolicy | None = None, cpu_threads: int | None = None):
-    """factory(config, checkpoint, device, dtype) -> OffloadedExperts.
+    """factory(config, checkpoint, device, dtype) -> ExpertProvider (OffloadedExperts, or resident ones).
 
-    slots None: K from budget_args.device_memory when given, else on CUDA from the free device memory
-    (never every expert blindly: 22 GiB at 4 bits), else (the CPU) every expert.
+    slots None: K from device_memory (GiB) when given, else on CUDA from the free device memory
+    (never every expert blindly: 22 GiB at 4 bits), else (the CPU) every expert; window and chunk
+    (-c and -b) size the KV cache and activations the budget leaves room for.
     transfer: passed to OffloadEngine (a test's transfer over the fake CUDA backend).
     resident_checkpoints: a Hugging Face checkpoint keeps every expert resident (only stores offload).
     miss_policy: auto, copy or cpu (default auto on CUDA, copy on the CPU), or a MissPolicy (a test's script).
@@ -140,31 +110,28 @@ def make_factory(*, slots: int | None, store: str = "ram", prefetch: bool = True
     def factory(cfg: ModelConfig, ckpt, device, dtype) -> OffloadedExperts:
         device = torch.device(device)
         if resident_checkpoints and not hasattr(ckpt, "expert_store"):
-            from .model import resident_experts  # model imports this module: import when called
-
             return resident_experts(cfg, ckpt, device, dtype)
-        gib = getattr(budget_args, "device_memory", None)
         if hasattr(ckpt, "expert_store") and (slots == cfg.num_experts or (
-                slots is None and gib is None and device.type != "cuda")):
+                slots is None and device_memory is None and device.type != "cuda")):
             # every expert cached: read each once through the mapping (no RAM copy of the store beside the
             # converted experts) and keep it in the kernel's layout, with no cache to keep
             host, codec = open_experts(cfg, ckpt, "mmap", device, dtype)
             if isinstance(codec, (FusedCodec, PrepackedCodec)):
                 return FusedResidentExperts(host, codec, device)
         host, codec = open_experts(cfg, ckpt, store, device, dtype)
-        plan = None
-        if slots is None and (gib is not None or device.type == "cuda"):
-            plan = _plan(budget_args, cfg, dtype, slot_layout(codec).nbytes,
-                         scratch_bytes(codec, host, device), device, gib, ckpt)
-        k = plan.k if plan else slots or cfg.num_experts
+        budget = None
+        if slots is None and (device_memory is not None or device.type == "cuda"):
+            budget = _device_plan(cfg, dtype, slot_layout(codec).nbytes, scratch_bytes(codec, host, device),
+                                  device, device_memory, window, chunk, ckpt)
+        k = budget.k if budget else slots or cfg.num_experts
         before = torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
         guess = prefetch and k < cfg.num_experts  # with every expert cached a guess has nothing to load
         misses, host_side = _misses(miss_policy, cpu_threads, k < cfg.num_experts, cfg, ckpt, host, codec,
                                     device, dtype)
         engine = OffloadEngine(host, codec, expert_function(codec), k, device, policy=policy, prefetch=guess,
                                transfer=transfer, miss_policy=misses, host=host_side)
-        if plan is not None and device.type == "cuda":
-            warning = check_reserved(plan, torch.cuda.memory_reserved(device) - before)
+        if budget is not None and device.type == "cuda":
+            warning = check_reserved(budget, torch.cuda.memory_reserved(device) - before)
             if warning:
                 print(warning, file=sys.stderr)
         return OffloadedExperts(engine, guess)
@@ -214,7 +181,7 @@ def default_factory():
 def open_experts(cfg: ModelConfig, ckpt, store: str, device: torch.device, dtype: torch.dtype):
     """(host store, codec) for a Hugging Face checkpoint or a quantized store."""
     pin = device.type == "cuda"
-    if hasattr(ckpt, "expert_store"):  # the quantized store (mixtral_lite.qstore)
+    if hasattr(ckpt, "expert_store"):  # the quantized store (model/qstore.py)
         return ckpt.expert_store(store, pin=pin), ckpt.codec(device, dtype)
     i, d = cfg.intermediate_size, cfg.hidden_size
     files = sorted({ckpt.file_of(expert_name(layer, e, w)) for layer in range(cfg.num_layers)

@@ -2,8 +2,8 @@
 
 The MoE block computes the router, picks top-k experts and their weights, and hands
 them to an `ExpertProvider`. `ResidentExperts` keeps every expert on the device; the
-offload engine (`mixtral_lite.offloading`) implements the same interface with a device
-cache fed from host memory. The model never knows which one it has.
+offload engine (through mixtral_lite/runtime/offloading.py) implements the same interface
+with a device cache fed from host memory. The model never knows which one it has.
 """
 
 from __future__ import annotations

@@ -1,0 +1,8 @@
+"""The runtime: the one place that turns flags into a loaded model, and reports on the run.
+
+flags.py (every shared flag, torch-free) -> plan.py (LoadPlan, built once by plan_load and checked)
+-> load.py (load / open_session / load_model) -> offloading.py (the experts factory: host store,
+codec, K slots, policies -> offload/'s OffloadEngine). device.py picks device, dtype and threads;
+budget.py sizes K from a device budget; dry_run.py prints a plan's memory; runstats.py and
+tracing.py are the figures and routing trace a run writes.
+"""

@@ -1,0 +1,49 @@
+"""The one way in: a plan (runtime/plan.py) becomes a loaded model, its experts where the plan put them.
+
+    plan = plan_load(args)          # every front end: the flags, read and checked once
+    model = load(plan)              # generate, perplexity: model + ExpertProvider (+ OffloadEngine)
+    session = open_session(plan)    # chat, server: the same model in a Session (KV reuse, batching)
+
+`load_model(path, ...)` is the same load from Python without flags (README's example): every expert
+resident for a Hugging Face checkpoint, all of them cached from RAM for a quantized store, or the
+`experts=` factory given (offloading.make_factory).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..generation.session import Session
+from ..model.build import build_model
+from ..model.qstore import is_quantized_store
+from ..model.tokenizer import Tokenizer
+from ..model.transformer import Transformer
+from . import offloading
+from .plan import LoadPlan
+
+
+def load(plan: LoadPlan) -> Transformer:
+    """The model the plan describes, its experts behind the provider the plan chose."""
+    return load_model(plan.model_dir, device=plan.device, dtype=plan.dtype, experts=offloading.build(plan))
+
+
+def open_session(plan: LoadPlan) -> Session:
+    """load(plan) in a Session over the plan's KV window and prefill chunk."""
+    return Session(load(plan), Tokenizer.from_dir(plan.model_dir), plan.window, chunk=plan.chunk)
+
+
+def load_model(path, *, device="cpu", dtype: torch.dtype = torch.float32, experts=None,
+               fused: bool = True) -> Transformer:
+    """The model in a checkpoint folder (HF layout or a quantized store) on `device` in `dtype`.
+
+    experts: optional factory (config, checkpoint, device, dtype) -> ExpertProvider that replaces
+    loading every expert onto the device (offloading.make_factory gives one). A quantized store
+    without one runs every expert from the offload engine, all cached (on CUDA: as many as fit).
+    fused: quantized stores run on torch's fused kernels where they exist; False forces the
+    dequantize-then-multiply path (the reference the fused one is measured against).
+    """
+    if experts is None and is_quantized_store(Path(path)):
+        experts = offloading.default_factory()
+    return build_model(path, device=device, dtype=dtype, experts=experts, fused=fused)
