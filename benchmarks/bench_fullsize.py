@@ -163,7 +163,7 @@ def store_facts(path: str) -> dict:
 def gguf_facts(path: str) -> dict:
     import torch
 
-    from mixtral_lite.gguf.checkpoint import GGUFCheckpoint
+    from mixtral_lite.model.gguf.checkpoint import GGUFCheckpoint
 
     ckpt = GGUFCheckpoint(path)
     n = ckpt.config.num_layers * ckpt.config.num_experts

@@ -24,7 +24,7 @@ from gguf_export import Entry, gguf_writer, plan, read, write_metadata, write_te
 from gguf_kquants import QUANTIZERS  # noqa: E402
 from gguf_kquants import quantize as kquantize  # noqa: E402
 
-from mixtral_lite.checkpoint import Checkpoint  # noqa: E402
+from mixtral_lite.model.checkpoint import Checkpoint  # noqa: E402
 
 TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M", "F16", "F32")
 

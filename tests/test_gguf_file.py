@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from mixtral_lite.gguf.checkpoint import GGUFCheckpoint
-from mixtral_lite.gguf.config import model_config
-from mixtral_lite.gguf.reader import GGUFError, GGUFFile
-from mixtral_lite.gguf.vocab import GGUFTokenizer
+from mixtral_lite.model.gguf.checkpoint import GGUFCheckpoint
+from mixtral_lite.model.gguf.config import model_config
+from mixtral_lite.model.gguf.reader import GGUFError, GGUFFile
+from mixtral_lite.model.gguf.vocab import GGUFTokenizer
 
 gguf = pytest.importorskip("gguf")
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import mixtral_lite
-from mixtral_lite.model import load_model
-from mixtral_lite.tokenizer import Tokenizer
+from mixtral_lite.model.tokenizer import Tokenizer
+from mixtral_lite.runtime.load import load_model
 
 pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
@@ -25,7 +25,7 @@ from bench_llamacpp import open_llama  # noqa: E402
 from gguf_quantize import write  # noqa: E402
 from test_gguf_model import dequantized, rel  # noqa: E402
 
-from mixtral_lite.gguf.checkpoint import GGUFCheckpoint  # noqa: E402
+from mixtral_lite.model.gguf.checkpoint import GGUFCheckpoint  # noqa: E402
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
         "want of a wife. However little known the feelings or views of such a man may be on his first entering")

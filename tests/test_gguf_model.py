@@ -13,11 +13,11 @@ import torch
 from refs import save_reference
 from safetensors.torch import save_file
 
-from mixtral_lite.checkpoint import expected_shapes
-from mixtral_lite.gguf import prepacked
-from mixtral_lite.gguf.checkpoint import GGUFCheckpoint
-from mixtral_lite.model import load_model
-from mixtral_lite.offloading import make_factory
+from mixtral_lite.model.checkpoint import expected_shapes
+from mixtral_lite.model.gguf import prepacked
+from mixtral_lite.model.gguf.checkpoint import GGUFCheckpoint
+from mixtral_lite.runtime.load import load_model
+from mixtral_lite.runtime.offloading import make_factory
 from offload.ggml import BY_NAME, requantize_int4
 
 pytest.importorskip("gguf")

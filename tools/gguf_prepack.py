@@ -24,9 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("gguf", type=Path, help="the GGUF file (Mixtral, any block types mixtral-lite reads)")
     p.add_argument("--force", action="store_true", help="write it again even where a current one exists")
     args = p.parse_args(argv)
-    from mixtral_lite.checkpoint import CheckpointError
-    from mixtral_lite.gguf import prepacked
-    from mixtral_lite.gguf.checkpoint import GGUFCheckpoint
+    from mixtral_lite.model.checkpoint import CheckpointError
+    from mixtral_lite.model.gguf import prepacked
+    from mixtral_lite.model.gguf.checkpoint import GGUFCheckpoint
 
     try:
         if not args.gguf.is_file():
