@@ -88,12 +88,12 @@ def _main(args) -> None:
 
     threads = set_threads(plan.threads)
     resolve_seed(args, "run")
-    from ..model.tokenizer import Tokenizer
+    from ..model.source import open_tokenizer
 
     cfg, model_dir = plan.config, plan.model_dir
-    tok = Tokenizer.from_dir(model_dir)  # before the model: a missing tokenizer costs no load
+    tok = open_tokenizer(model_dir)  # before the model: a missing tokenizer costs no load
     if tok.vocab_size > cfg.vocab_size:
-        raise fail(f"{model_dir}: tokenizer.model has {tok.vocab_size} pieces but config.json's vocab_size "
+        raise fail(f"{model_dir}: the tokenizer has {tok.vocab_size} pieces but the config's vocab_size "
                    f"is {cfg.vocab_size}")
     if tok.vocab_size < cfg.vocab_size:
         print(f"note: the model's vocab_size {cfg.vocab_size} exceeds the tokenizer's {tok.vocab_size} pieces; "
@@ -136,7 +136,8 @@ def _generate(args, plan, tok, ids: list[int], window: int, threads: int) -> Non
 
 
 def _folder_mib(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / (1 << 20)
+    files = [path] if path.is_file() else [f for f in path.iterdir() if f.is_file()]  # a GGUF is one file
+    return sum(f.stat().st_size for f in files) / (1 << 20)
 
 
 def plan_window(args, cfg, prompt_tokens: int) -> int:

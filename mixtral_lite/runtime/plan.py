@@ -19,6 +19,7 @@ import torch
 
 from .. import default_model_path
 from ..model.config import ModelConfig
+from ..model.source import model_unreadable, read_config
 from .budget import GIB, dense_bytes, runtime_bytes
 from .device import pick_device, pick_dtype
 
@@ -68,9 +69,10 @@ def plan_load(args, *, show_cache_on_cpu: bool = False) -> LoadPlan:
     ctx_size, batch_size and the offload flags). The shipped model offloads on CUDA, and also on the CPU
     with show_cache_on_cpu (the chat and the server)."""
     model_dir = args.model or default_model_path()
-    if not (model_dir / "config.json").is_file():
-        raise SystemExit(f"error: -m/--model: {model_dir} is not a model folder (no config.json)")
-    config = ModelConfig.from_dir(model_dir)
+    why = model_unreadable(model_dir)
+    if why:
+        raise SystemExit(f"error: -m/--model: {why}")
+    config = read_config(model_dir)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, config, device)
     experts = ExpertChoice.from_args(args)

@@ -177,6 +177,12 @@ class GGUFCheckpoint:
         src = prepacked.open_experts(self, *self.prepacked, "cpu")[0] if self.prepacked else self.ggml_experts()
         return src if kind == "mmap" else RamStore(src, pin=pin)
 
+    @property
+    def resident_hint(self) -> str:
+        """How to run it when its experts, converted at load, would not fit in RAM (runtime/offloading.py)."""
+        return (f"convert them once into a file beside it, read in place from then on: python tools/gguf_prepack.py "
+                f"{self.path}")
+
     def ggml_experts(self) -> GGUFExperts:
         """The experts as the GGUF holds them, read in place."""
         return GGUFExperts(self.file, self._regions, self.layout)
