@@ -77,8 +77,9 @@ def per_expert(entries: list[Entry]) -> list[Entry]:
 
 
 def write(model_dir: str | Path, out: str | Path, qtype: str = "Q4_0", overrides: dict[str, str] | None = None,
-          legacy_experts: bool = False) -> Path:
-    """Write the GGUF file; returns its path. legacy_experts: one tensor per expert (older converters)."""
+          legacy_experts: bool = False, strings: dict[str, str] | None = None) -> Path:
+    """Write the GGUF file; returns its path. legacy_experts: one tensor per expert (older converters);
+    strings: metadata fields added (e.g. tokenizer.chat_template)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
     if qtype not in TYPES:
@@ -95,6 +96,8 @@ def write(model_dir: str | Path, out: str | Path, qtype: str = "Q4_0", overrides
     file_type = {"Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S", "F32": "ALL_F32"}.get(qtype, f"MOSTLY_{qtype}")
     with gguf_writer(out) as writer:
         write_metadata(writer, cfg, model_dir.name, model_dir / "tokenizer.model", LlamaFileType[file_type])
+        for key, value in (strings or {}).items():
+            writer.add_string(key, value)
         for e in entries:
             t = types[e.name]
             if t in ("F32", "F16"):
