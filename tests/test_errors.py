@@ -205,7 +205,7 @@ def test_files_named_in_one_line(mixtral_ref, tmp_path, capsys):
     assert "quantized store without its manifest.json" in one_line_error(
         capsys, generate_main, ["-m", d, "-p", "x", "-t", 1])
     (tmp_path / "plain").write_text("x")
-    assert "is a file, not a model folder" in one_line_error(capsys, generate_main,
+    assert "is a file, neither a model folder nor a GGUF file" in one_line_error(capsys, generate_main,
                                                              ["-m", tmp_path / "plain", "-p", "x"])
 
 
