@@ -26,7 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "bench_gguf_convert.json"
-I, D = 14336, 4096  # Mixtral-8x7B
+INTER, HIDDEN = 14336, 4096  # Mixtral-8x7B
 FP16_AT = {"Q4_0": [0], "Q4_K": [0, 2], "Q6_K": [208], "Q8_0": [0], "Q5_K": [0, 2], "Q4_1": [0, 2]}
 
 
@@ -52,16 +52,15 @@ def median_ms(fn, repeats: int) -> float:
 
 
 def row(name: str, threads: int, repeats: int) -> dict:
+    from mixtral_lite.model.experts import swiglu_fused
     from offload.ggml import BY_NAME
     from offload.ggml_codec import GGMLCodec
     from offload.packing import views
     from offload.store import Piece
 
-    from mixtral_lite.model.experts import swiglu_fused
-
     torch.set_num_threads(threads)
     t = BY_NAME[name]
-    shapes = {"w1": (I, D), "w2": (D, I), "w3": (I, D)}
+    shapes = {"w1": (INTER, HIDDEN), "w2": (HIDDEN, INTER), "w3": (INTER, HIDDEN)}
     codec = GGMLCodec(shapes, [{m: t for m in shapes}], "cpu", stack={"w13": ("w1", "w3")}, order=("w1", "w3", "w2"))
     rng = np.random.default_rng(0)
     stored = torch.zeros(codec.layout.nbytes, dtype=torch.uint8)
@@ -71,7 +70,7 @@ def row(name: str, threads: int, repeats: int) -> dict:
     slot, copy = (torch.empty(codec.slot_layout.nbytes, dtype=torch.uint8) for _ in range(2))
     sv = views(slot, codec.slot_layout)
     fill = codec.for_layer(0)
-    x = torch.randn(1, D)
+    x = torch.randn(1, HIDDEN)
     return {"type": name, "threads": threads, "requantized": not t.int4,
             "stored_mib": codec.layout.nbytes / 2**20, "slot_mib": codec.slot_layout.nbytes / 2**20,
             "convert_ms": median_ms(lambda: fill.fill([Piece(stored, 0)], sv), repeats),
@@ -94,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(r)
             print(f"{name} {threads} thr: convert {r['convert_ms']:.0f} ms, copy {r['copy_ms']:.1f} ms, product "
                   f"{r['product_ms']:.1f} ms (load {r['load_average'][0]:.2f})", file=sys.stderr, flush=True)
-    a.out.write_text(json.dumps({"machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, "
-                                            f"capability {torch.backends.cpu.get_cpu_capability()}",
-                                 "expert": {"w1": [I, D], "w2": [D, I], "w3": [I, D]}, "rows": rows}, indent=1))
+    machine = (f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, "
+               f"capability {torch.backends.cpu.get_cpu_capability()}")
+    expert = {"w1": [INTER, HIDDEN], "w2": [HIDDEN, INTER], "w3": [INTER, HIDDEN]}
+    a.out.write_text(json.dumps({"machine": machine, "expert": expert, "rows": rows}, indent=1))
     return 0
 
 

@@ -73,12 +73,16 @@ class GGMLCodec:
         n_k = max(n * k for n, k in self.out_shapes.values())
         part = max(n * k for n, k in shapes.values()) if self.requantized else 0
         self._sizes = {"codes": n_k, "meta": 2 * n_k // GROUP * 4, "dense": part * 4}
+        # temporaries of a conversion (shifted nibbles, bf16 pairs, dequantized rows' products), taken from
+        # torch's caching allocator on the conversion's stream: counted for budgets, not held here
+        self._temporary = max(e.nbytes for e in self.layout.entries) + n_k // GROUP * 4 + part * 8
         self._scratch: dict[torch.device, dict[str, torch.Tensor]] = {}
         self._host_buf: torch.Tensor | None = None
 
     def scratch_bytes(self) -> int:
-        """Device bytes the conversions allocate once on a device (for memory budgets)."""
-        return sum(self._sizes.values())
+        """Device bytes a conversion needs on a device (for memory budgets): its scratch, allocated once, and
+        its temporaries."""
+        return sum(self._sizes.values()) + self._temporary
 
     def _buffers(self, device: torch.device) -> dict[str, torch.Tensor]:
         if device not in self._scratch:
