@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from offload.cache import ExpertCache
+from offload.codec import for_layer
 from offload.engine import group_by_expert, index_tensors
 from offload.hostsync import to_host
 from offload.packing import views
@@ -43,6 +44,7 @@ class TableEngine:
     wants_guess = False
     device_routing = True
     RING = 4  # steps whose ids may be on their way to the host at once
+    KERNEL_ROWS = 8  # eager steps of up to this many rows run the decoding kernels (weights read once per row)
 
     def __init__(self, store, codec, slots: int, device: torch.device | str, top_k: int, policy: str = "lru",
                  max_rows: int = 64, moe=None, backend=None):
@@ -93,7 +95,7 @@ class TableEngine:
         for p in pieces:
             self._scratch[p.offset : p.offset + p.src.numel()].copy_(p.src)
         self.store.release(layer, e)
-        self.codec.convert(views(self._scratch, self.store.layout), views(dst, self.layout))
+        for_layer(self.codec, layer).convert(views(self._scratch, self.store.layout), views(dst, self.layout))
 
     def _host_copies(self) -> list[list[torch.Tensor]]:
         """Every expert in the rows layout in pinned host memory (converted on the device, copied back)."""
@@ -112,8 +114,10 @@ class TableEngine:
                    residual: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out = residual + MoE(x) for T <= max_rows rows; ids [T, A] (this layer's), weights [T, A] fp32."""
         t = x.shape[0]
-        self.ids_log[layer, :t].copy_(ids)
-        self.moe(x, ids, weights, self.table, layer * self.num_experts, self.h[: t * self.top_k], out, residual)
+        logged = self.ids_log[layer, :t]
+        logged.copy_(ids)  # for end_step; and contiguous [T, A] int64, as the kernels index it
+        self.moe(x.contiguous(), logged, weights.float().contiguous(), self.table, layer * self.num_experts,
+                 self.h[: t * self.top_k], out, residual)
         return out
 
     def end_step(self, rows: int) -> None:
@@ -226,9 +230,19 @@ class TableEngine:
                 changed = True
         return changed
 
-    # -- prefill: eager, from host ids ------------------------------------------------------------
+    # -- the eager step: the kernels for a few rows, else (prefill) dequantized experts from host ids ----------
     def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, next_guess=None):
-        """Sum over a of weights[t, a] * expert_{ids[t, a]}(x[t]) (any T; one host sync)."""
+        """Sum over a of weights[t, a] * expert_{ids[t, a]}(x[t]) (any T). Up to KERNEL_ROWS rows: the
+        decoding kernels, no host sync (the ids are logged for `end_step` like a static step's); more
+        rows: prefill, one host sync, each expert dequantized once and multiplied with all its rows."""
+        if x.shape[0] <= min(self.KERNEL_ROWS, self.max_rows):
+            if layer == 0:
+                self.poll()
+            out = torch.empty_like(x, dtype=torch.bfloat16)
+            self.run_device(layer, x.to(torch.bfloat16), ids, weights, None, out)
+            if layer == self.layers - 1:
+                self.end_step(x.shape[0])
+            return out.to(x.dtype)
         ids_host = to_host(ids)
         groups = group_by_expert(ids_host)
         self.poll()
@@ -284,7 +298,8 @@ class TableEngine:
                 "bytes_read_in_place": c["bytes_read_in_place"], "bytes_copied": c["bytes_copied"],
                 "bytes_per_token": moved / c["tokens"] if c["tokens"] else None,
                 "device_expert_bytes": self.cache.allocated_bytes, "expert_bytes": self.store.layout.nbytes,
-                "miss_policy": "read in place"}
+                "stall_s": 0.0,  # a step never waits for a copy: a miss is read where it is
+                "prefetch_recall": None, "miss_policy": "read"}
 
     def close(self) -> None:
         if self.copy_stream is not None:

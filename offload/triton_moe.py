@@ -113,9 +113,11 @@ if triton is not None:
         tl.store(out_ptr + t * D + rows, acc)
 
 
-def _block(n: int, k: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K) dividing n and k: rows per program, input columns per step."""
-    bn = next(b for b in (32, 16, 8, 4, 2, 1) if n % b == 0)
+def _block(n: int, k: int, programs: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) dividing n and k: rows per program (the largest that still gives about `programs`
+    programs, e.g. two per multiprocessor of an H100/H200), input columns per step."""
+    fits = [b for b in (32, 16, 8, 4, 2, 1) if n % b == 0]
+    bn = next((b for b in fits if n // b >= programs), fits[-1])
     bk = next(b for b in (256, 128, 64, 32, 16, 8, 4, 2) if k % b == 0)
     return bn, bk
 
@@ -126,7 +128,8 @@ class TableMoE:
     def __init__(self, dim: int, inter: int, group: int, offsets: dict[str, int], top_k: int):
         self.d, self.i, self.group, self.top_k = dim, inter, group, top_k
         self.off = offsets  # "w13.w", "w13.sz", "w2.w", "w2.sz" -> byte offset in the expert's buffer
-        self.blocks_up, self.blocks_down = _block(inter, dim), _block(dim, inter)
+        # one token: gate_up has top_k experts' rows to share out, down only D rows
+        self.blocks_up, self.blocks_down = _block(inter, dim, 264 // top_k), _block(dim, inter, 264)
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, table: torch.Tensor,
                  e_base: int, h: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None = None) -> None:

@@ -132,9 +132,10 @@ def test_admissions_follow_lru_one_step_late(store):
 
 def test_prefill_admits_and_equals_the_resident_engine(store):
     resident, offloaded = engine(store, 4), engine(store, 2)
-    x = torch.randn(5, 64).to(torch.bfloat16)
-    ids = torch.tensor([[0, 1], [2, 3], [1, 2], [3, 0], [0, 2]])
-    w = torch.rand(5, 2)
+    rows = TableEngine.KERNEL_ROWS + 4  # more rows than the decoding kernels take: the prefill path
+    x = torch.randn(rows, 64).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(4)[:2] for _ in range(rows)])
+    w = torch.rand(rows, 2)
     a, b = resident.run(0, x, ids, w), offloaded.run(0, x, ids, w)
     assert torch.equal(a, b)
     assert offloaded.stats()["expert_copies"] >= 2

@@ -13,6 +13,7 @@ import torch
 
 from offload.hostsync import to_host
 
+from ..model.static_step import decode_step
 from ..model.transformer import Transformer
 from .sampling import sample
 
@@ -58,7 +59,7 @@ def generate_stream(model: Transformer, prompts: list[list[int]], max_new_tokens
                           vocab_limit, temperature, top_k, top_p, gen)
         yield host
         if i + 1 < max_new_tokens:  # the last token is never fed back
-            logits = model(nxt[:, None], cache)
+            logits = decode_step(model, cache, nxt[:, None])
 
 
 def _next(last: torch.Tensor, step: str, vocab_limit: int | None, temperature: float, top_k: int, top_p: float,

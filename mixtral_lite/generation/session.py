@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..model.static_step import decode_step
 from ..model.tokenizer import StreamingDetokenizer, Tokenizer
 from ..model.transformer import Transformer
 from .sampling import sample
@@ -167,4 +168,4 @@ class Session:
         # nxt [B, 1]: the sampled tokens go back in; the batch-1 cache remembers them for reuse
         if cache is self._cache:
             self._cached.append(int(nxt[0, 0]))
-        return self.model(nxt, cache)
+        return decode_step(self.model, cache, nxt)

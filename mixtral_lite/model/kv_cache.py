@@ -45,6 +45,7 @@ class RollingKVCache:
         self.slot_index = torch.full((window,), -1, device=device, dtype=torch.long)
         self.valid = torch.zeros((batch, window), device=device, dtype=torch.bool)
         self.pad = torch.zeros(batch, device=device, dtype=torch.long)
+        self.pos = torch.zeros(1, device=device, dtype=torch.long)  # the static step's token index
         self.window, self.batch = window, batch
         self.index = 0  # index of the next token (host int: no sync to read it)
         self.padded = False  # some row has left padding (set by reset)
@@ -168,3 +169,37 @@ class RollingKVCache:
 
     def _kept(self, q_idx: torch.Tensor) -> torch.Tensor:
         return q_idx[-self.window :]  # a chunk longer than W keeps only its last W tokens
+
+    # -- the static decoding step (model/static_step.py): same shapes every token, state on the device --
+    def begin_static(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Record the next token's slot on the device; returns (slot [1], mask [B, 1, 1, W]: 0 where a slot is
+        attended, -inf elsewhere, in the cache's dtype: made once a step for every layer's attention).
+
+        Every step reads and writes the same tensors, so a CUDA graph can replay it: the device's `pos`
+        counts the token index (the host syncs it with `sync_pos` before the first static step)."""
+        slot = torch.remainder(self.pos, self.window)
+        self.slot_index.index_copy_(0, slot, self.pos)
+        self.valid.index_copy_(1, slot, (self.pos >= self.pad).unsqueeze(1))
+        mask = torch.zeros(self.valid.shape, dtype=self.k.dtype, device=self.k.device)
+        return slot, mask.masked_fill_(~self.valid, float("-inf"))[:, None, None, :]
+
+    def attend_static(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor):
+        """Store one token's keys/values [B, 1, Hkv, Dh] at `slot`; return the whole window [B, Hkv, W, Dh] x 2
+        (the mask from begin_static says which slots to attend)."""
+        self.k[layer].index_copy_(2, slot, k.transpose(1, 2))
+        self.v[layer].index_copy_(2, slot, v.transpose(1, 2))
+        return self.k[layer], self.v[layer]
+
+    def end_static(self) -> None:
+        """The device side of a static step's end (inside the graph): the next token's index."""
+        self.pos.add_(1)
+
+    def advance_static(self) -> None:
+        """The host side of a static step's end (once per replay): slot_index and valid are up to date."""
+        self.index += 1
+        self._marked = self.index
+
+    def sync_pos(self) -> None:
+        """Before static steps: the device's index := the host's, and slot bookkeeping written out."""
+        self._write_unmarked()
+        self.pos.fill_(self.index)

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from offload.fused import FusedCodec, fused_unsupported, kernel_layout, output_matrices
+from offload.fused import FusedCodec, fused_unsupported, kernel_layout, output_matrices, rows_unsupported
 from offload.prepacked import PACKINGS, PrepackedCodec, prepack_unsupported, stored_cpu_layout
 from offload.qdense import dense_layout, dequantized
 from offload.quant import HQQCodec, QuantSpec, expert_layout, layout_from_dict
@@ -287,6 +287,19 @@ class QStore:
             return FusedCodec(self.matrices, self.spec, device, stack=STACK)
         self.codec_note = f"dequantize-then-multiply ({why})"
         return HQQCodec(self.matrices, self.spec, device, dtype)
+
+    def rows_codec(self, device: torch.device | str) -> FusedCodec | PrepackedCodec | None:
+        """A codec converting the stored experts into the int4-rows layout the CUDA table kernels read
+        (offload/rows.py), or None when these experts cannot be held in it (`rows_note` says why)."""
+        why = rows_unsupported(self.matrices, self.spec) if self.fused else "asked for"
+        if why is None and self.cpu_layout is not None:
+            why = prepack_unsupported(self.matrices, self.spec, "cpu", STACK)
+        if why:
+            self.rows_note = why
+            return None
+        if self.cpu_layout is not None:
+            return PrepackedCodec(self.matrices, self.spec, device, STACK, self.cpu_layout, rows=True)
+        return FusedCodec(self.matrices, self.spec, device, stack=STACK, rows=True)
 
 
 def open_store(path: str | Path, fused: bool = True) -> QStore:

@@ -176,6 +176,7 @@ class Transformer(nn.Module):
         Without a cache: plain causal attention over `tokens` (sliding window respected).
         """
         B, T = tokens.shape
+        tokens = tokens.to(self.embed.weight.device, non_blocking=True)  # host ids are accepted too
         if cache is None:
             cache = self.new_cache(B, self.config.sliding_window or T)
         if self.rotary is None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from offload.miss_policy import MISS_POLICIES
 from offload.policy import POLICIES, make_policy
 
+READ = "read"  # --miss-policy read: offload/table.py (CUDA)
 DTYPE_NAMES = ("bfloat16", "float16", "float32")  # = sorted(model.config.DTYPES), without importing torch
 
 
@@ -62,6 +63,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--threads", type=POSITIVE,
                    help="CPU threads for torch (default: the physical cores, fewer when others are busy)")
     add_device_args(p)
+    p.add_argument("--cuda-graphs", choices=["on", "off"], default="on",
+                   help="replay each decoding step as one CUDA graph where the experts are routed on the "
+                        "device (--miss-policy read, dense models); off: the eager step")
     add_offload_args(p)
 
 
@@ -95,10 +99,14 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
                    help="device budget in GiB; the expert slots get what dense weights, KV cache and "
                         "activations leave (instead of --experts-per-layer)")
     g.add_argument("--cache-policy", choices=live_policies(), default="lru", help="expert eviction policy")
-    g.add_argument("--miss-policy", choices=MISS_POLICIES,
-                   help="where a missed expert runs: copied into a slot (copy), on the CPU from the host store "
-                        "(cpu), or per layer whichever ends the layer sooner by a cost model measured at start-up "
-                        "(auto; the default on CUDA; on the CPU device copy)")
+    g.add_argument("--miss-policy", choices=(READ, *MISS_POLICIES),
+                   help="where a missed expert runs: read in place from pinned host memory by the GPU's expert "
+                        "kernels while cached experts come from device slots, with no host round trip in a step "
+                        "(read; the default on CUDA for quantized stores, which it converts once at load into "
+                        "pinned RAM), copied into a slot (copy), on the CPU from the host store (cpu), or per "
+                        "layer whichever ends the layer sooner by a cost model measured at start-up (auto; the "
+                        "CUDA default where read is unavailable; on the CPU device copy)")
+
     g.add_argument("--cpu-threads", type=POSITIVE, metavar="N",
                    help="threads for the experts run on the host while the GPU computes (CUDA; on the CPU "
                         "device -t sets them)")

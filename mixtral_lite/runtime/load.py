@@ -27,7 +27,9 @@ from .plan import LoadPlan
 
 def load(plan: LoadPlan) -> Transformer:
     """The model the plan describes, its experts behind the provider the plan chose."""
-    return load_model(plan.model_dir, device=plan.device, dtype=plan.dtype, experts=offloading.build(plan))
+    model = load_model(plan.model_dir, device=plan.device, dtype=plan.dtype, experts=offloading.build(plan))
+    model.cuda_graphs = plan.cuda_graphs  # read by model/static_step.decode_step
+    return model
 
 
 def open_session(plan: LoadPlan) -> Session:

@@ -9,7 +9,8 @@ expert math (SwiGLU, model/experts.py), and builds the engine from the plan (run
     host store              --store ram (packed in RAM, pinned on CUDA) | mmap (read in place)
     prefetch                --prefetch next: speculative loads from the next layer's router
     eviction                --cache-policy (offload/policy.py)
-    where a miss runs       --miss-policy auto|copy|cpu (offload/miss_policy.py), --cpu-threads N
+    where a miss runs       --miss-policy read (CUDA: offload/table.py) | auto|copy|cpu (offload/miss_policy.py),
+                            --cpu-threads N
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import psutil
 import torch
 
+from offload import triton_moe
 from offload.codec import PlainCodec, slot_layout
 from offload.engine import OffloadEngine
 from offload.fused import FusedCodec
@@ -27,13 +29,16 @@ from offload.host_experts import HostExperts, calibrate
 from offload.hostsync import to_host
 from offload.miss_policy import MissPolicy
 from offload.prepacked import PrepackedCodec
+from offload.rows import scratch_bytes as rows_scratch_bytes
 from offload.store import RamStore, SafetensorsSource
+from offload.table import TableEngine
 
 from ..model.build import resident_experts
 from ..model.checkpoint import expert_name
 from ..model.config import ModelConfig
 from ..model.experts import FusedResidentExperts, expert_function
 from .budget import GIB, DevicePlan, check_reserved, choose_slots, dense_bytes
+from .flags import READ
 from .plan import LoadPlan
 
 ROLES = ("w1", "w2", "w3")  # the order swiglu_expert takes them
@@ -113,6 +118,14 @@ def make_factory(*, slots: int | None, store: str = "ram", prefetch: bool = True
         device = torch.device(device)
         if resident_checkpoints and not hasattr(ckpt, "expert_store"):
             return resident_experts(cfg, ckpt, device, dtype)
+        if miss_policy == READ and not (device.type == "cuda" and hasattr(ckpt, "rows_codec")):
+            raise SystemExit("error: --miss-policy read: needs --device cuda and a quantized store "
+                             "(tools/quantize_experts.py)")
+        if device.type == "cuda" and miss_policy in (None, READ) and hasattr(ckpt, "rows_codec"):
+            engine = table_engine(cfg, ckpt, device, dtype, slots, device_memory, window, chunk, policy, store,
+                                  required=miss_policy == READ)
+            if engine is not None:
+                return engine
         if hasattr(ckpt, "expert_store") and (slots == cfg.num_experts or (
                 slots is None and device_memory is None and device.type != "cuda")):
             # every expert cached: read each once through the mapping (no RAM copy of the store beside the
@@ -153,6 +166,33 @@ def check_resident_ram(cfg: ModelConfig, ckpt, codec, device: torch.device) -> N
         raise SystemExit(f"error: every expert converted into the int4 kernel's layout takes {need / GIB:.1f} GiB, "
                          f"more than the {free / GIB:.1f} GiB of RAM available: {hint}, or give "
                          "--experts-per-layer K (K slots per layer, each miss converted)")
+
+
+def table_engine(cfg: ModelConfig, ckpt, device: torch.device, dtype, slots: int | None,
+                 device_memory: float | None, window, chunk, policy: str, store: str, required: bool):
+    """A TableEngine (offload/table.py) for a quantized store on CUDA, or None (why printed) where its
+    kernels or layout are unavailable here and --miss-policy read was not asked for (then: an error)."""
+    why = triton_moe.self_check(device)
+    codec = None if why else ckpt.rows_codec(device)
+    if codec is None:
+        why = why or getattr(ckpt, "rows_note", "")
+    elif store == "mmap":
+        why = "--store mmap: the kernels read missed experts from pinned RAM (the converted copies)"
+    if why:
+        if required:
+            raise SystemExit(f"error: --miss-policy read: {why}")
+        print(f"experts: the table kernels are not used ({why}); misses are copied", file=sys.stderr)
+        return None
+    host = ckpt.expert_store("mmap")  # read once, converted into pinned int4-rows copies (or slots)
+    k = slots
+    if k is None:
+        scratch = rows_scratch_bytes(codec.out_shapes) + codec.slot_layout.nbytes + host.layout.nbytes
+        k = _device_plan(cfg, dtype, codec.slot_layout.nbytes, scratch, device, device_memory, window, chunk,
+                         ckpt).k
+    engine = TableEngine(host, codec, k, device, cfg.experts_per_tok, policy=policy)
+    ckpt.codec_note = (f"int4-rows table kernels on cuda (Triton), {k} of {cfg.num_experts} experts per layer "
+                       "in device slots" + ("" if k == cfg.num_experts else ", misses read in place from pinned RAM"))
+    return engine
 
 
 def _misses(choice, threads, offloading: bool, cfg, ckpt, host, codec, device, dtype):

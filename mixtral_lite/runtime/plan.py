@@ -59,6 +59,7 @@ class LoadPlan:
     chunk: int  # prompt tokens per prefill chunk (-b): sizes the activations
     experts: ExpertChoice = field(default_factory=ExpertChoice)
     threads: int | None = None  # -t (None: runtime.device.set_threads chooses)
+    cuda_graphs: bool = True  # --cuda-graphs: decoding steps replayed as CUDA graphs where they can be
 
     def __post_init__(self):
         check(self)
@@ -81,7 +82,8 @@ def plan_load(args, *, show_cache_on_cpu: bool = False) -> LoadPlan:
         experts = replace(experts, per_layer=SHIPPED_EXPERTS_PER_LAYER)
     return LoadPlan(model_dir, config, device, dtype, window=config.sliding_window or args.ctx_size,
                     chunk=args.batch_size, experts=experts,
-                    threads=getattr(args, "threads", None))  # perplexity has no -t: it leaves torch's threads alone
+                    threads=getattr(args, "threads", None),  # perplexity has no -t: it leaves torch's threads alone
+                    cuda_graphs=getattr(args, "cuda_graphs", "on") == "on")
 
 
 def check(plan: LoadPlan) -> None:

@@ -108,6 +108,10 @@ def _expert_lines(stats: dict) -> list[str]:
     mib = 1024 * 1024
     lines = [f"experts: hit rate {stats['hit_rate'] or 0:.3f} ({stats['expert_hits']} hits, "
              f"{stats['expert_misses']} misses over prompt and generated tokens)"]
+    if stats.get("miss_policy") == "read":
+        lines.append(f"misses: read in place from pinned RAM by the GPU's kernels, "
+                     f"{stats['bytes_read_in_place'] / mib:.1f} MiB; {stats['expert_copies']} admitted into slots "
+                     f"one step later, {stats['bytes_copied'] / mib:.1f} MiB copied")
     if stats.get("cpu_expert_runs"):
         lines.append(f"misses: {stats['expert_copies']} copied, {stats['cpu_expert_runs']} run on the CPU "
                      f"({stats['cpu_expert_s']:.3f} s), {stats['copies_avoided_bytes'] / mib:.1f} MiB of copies "

@@ -199,6 +199,14 @@ class GGUFCheckpoint:
             return codec
         return self.ggml_codec(device)
 
+    def rows_codec(self, device: torch.device | str) -> GGMLCodec | None:
+        """The experts converted from the file's blocks into the int4-rows layout of the CUDA table kernels
+        (offload/rows.py), or None (`rows_note` says why)."""
+        if not self.fused:
+            self.rows_note = "asked for"
+            return None
+        return GGMLCodec(self.matrices, self.types, device, STACK, ORDER, rows=True)
+
     def ggml_codec(self, device: torch.device | str) -> GGMLCodec:
         """The codec of the experts as the GGUF holds them: converted into int4 kernel slots per load."""
         kind = torch.device(device).type
