@@ -19,6 +19,7 @@ from mixtral_lite.model.gguf.checkpoint import GGUFCheckpoint
 from mixtral_lite.runtime.load import load_model
 from mixtral_lite.runtime.offloading import make_factory
 from offload.ggml import BY_NAME, requantize_int4
+from offload.packing import views
 
 pytest.importorskip("gguf")
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
@@ -149,3 +150,34 @@ def test_types_are_read_per_layer(ref, tmp_path):
     assert ckpt.ggml_codec("cpu").requantized == ["Q6_K"]
     w2 = next(e for e in ckpt.layout.entries if e.name == "w2")  # sized for the widest type of any layer
     assert w2.shape == (256, 512 // 256 * BY_NAME["Q6_K"].nbytes)
+
+
+def test_table_engine_reads_a_gguf_layer_by_layer(ref, tmp_path):
+    """The CUDA table engine (offload/table.py, its kernels emulated here) over a GGUF mixing types by layer:
+    experts converted per layer into int4-rows, offloaded steps equal to resident ones."""
+    from test_table_engine import EmulatedMoE, decode, routes
+
+    from offload.table import TableEngine
+
+    ckpt = GGUFCheckpoint(write(ref, tmp_path / "mix.gguf", "Q4_K", MIX))
+
+    def engine(slots: int) -> TableEngine:
+        codec = ckpt.rows_codec("cpu")
+        moe = EmulatedMoE(codec)
+        eng = TableEngine(ckpt.expert_store("ram"), codec, slots, "cpu", top_k=2, moe=moe)
+        for layer in range(eng.layers):
+            moe.register(*(eng.cache.buffer(layer, k) for k in range(eng.cache.slots)))
+            if eng.host is not None:
+                moe.register(*eng.host[layer])
+        return eng
+
+    resident, offloaded = engine(4), engine(2)
+    steps = routes(resident.layers, 4, 6)
+    x = torch.randn(1, 256).to(torch.bfloat16)
+    for a, b in zip(decode(resident, steps, x), decode(offloaded, steps, x), strict=True):
+        assert torch.equal(a, b)
+    rows = ckpt.rows_codec("cpu")
+    for layer in (1, 2):  # Q6_K re-quantized in layer 1, Q4_0 in layer 2: each converted with its layer's types
+        want = torch.empty(rows.slot_layout.nbytes, dtype=torch.uint8)
+        rows.for_layer(layer).fill(ckpt.expert_store("mmap").pieces(layer, 3), views(want, rows.slot_layout))
+        assert torch.equal(offloaded.host[layer][3], want)
