@@ -212,14 +212,16 @@ def int4_form(t: BlockType, raw: torch.Tensor, codes: torch.Tensor, scale: torch
 
 def requantize_int4(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
     """w float32 [N, K] -> 4-bit codes, round to nearest, min-max per 32 weights, against the bf16-rounded
-    scale and zero the kernels will hold (written into codes uint8 [N, K], scale and zero float32 [N, K/32])."""
+    scale and zero the kernels will hold (written into codes uint8 [N, K], scale and zero float32 [N, K/32]).
+    w is overwritten (the codes are formed in place: no temporary of its size)."""
     g = w.view(w.shape[0], -1, GROUP)
-    lo, hi = g.amin(-1), g.amax(-1)
+    lo, hi = torch.aminmax(g, dim=-1)
     s = ((hi - lo) / 15).to(torch.bfloat16).float()
     s = torch.where(s > 0, s, torch.ones_like(s))  # a constant group: any scale, the zero carries it
     z = (lo + 8 * s).to(torch.bfloat16).float()
-    q = torch.round((g - z[..., None]) / s[..., None] + 8).clamp_(0, 15)
-    codes.view_as(q).copy_(q)
+    inv = 1 / s
+    g.mul_(inv[..., None]).add_((8 - z * inv)[..., None]).round_().clamp_(0, 15)  # (w - z) / s + 8
+    codes.view_as(g).copy_(g)
     scale.copy_(s)
     zero.copy_(z)
 

@@ -79,7 +79,7 @@ def test_requantize_error_is_half_a_step():
     torch.manual_seed(0)
     w = torch.randn(64, 256) * 0.02
     codes, scale, zero = torch.empty(64, 256, dtype=torch.uint8), torch.empty(64, 8), torch.empty(64, 8)
-    requantize_int4(w, codes, scale, zero)
+    requantize_int4(w.clone(), codes, scale, zero)  # it overwrites its input
     back = (codes.float() - 8) * scale.repeat_interleave(GROUP, 1) + zero.repeat_interleave(GROUP, 1)
     step = scale.repeat_interleave(GROUP, 1)
     # round to nearest against the stored (bf16) scale and zero; the range's ends may sit one bf16
@@ -90,7 +90,7 @@ def test_requantize_error_is_half_a_step():
 def test_requantize_keeps_a_constant_group():
     w = torch.full((1, 32), 0.5)  # max - min = 0: a zero scale would divide by zero
     codes, scale, zero = torch.empty(1, 32, dtype=torch.uint8), torch.empty(1, 1), torch.empty(1, 1)
-    requantize_int4(w, codes, scale, zero)
+    requantize_int4(w.clone(), codes, scale, zero)
     assert torch.equal((codes.float() - 8) * scale + zero, w)
 
 
