@@ -15,7 +15,9 @@ bytes (ggml-common.h). Two things are read from them here:
                                   weights (lossy: the int4 kernels have no 5-, 6- or 8-bit form)
 
 The kernels hold scale and zero in bf16, so an int4 form is exact up to one bf16 rounding of each
-(relative 2^-9). Dequantizers follow gguf-py's `gguf.quants` step by step (the tests compare them with it).
+(relative 2^-9). Dequantizers follow gguf-py's `gguf.quants` step by step (the tests compare them with it);
+their constants are made on the device by kernels (arange), never copied from the host, so a dequantizing
+embedding lookup can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def _deq_q2_k(b):
     scales, qs = b[..., :16], b[..., 16:80]
     d, dmin = _f16(b, 80)[..., None], _f16(b, 82)[..., None]
     dl, ml = d * (scales & 15).float(), dmin * (scales >> 4).float()  # [..., 16]
-    shifts = torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.uint8)
+    shifts = torch.arange(0, 8, 2, device=b.device, dtype=torch.uint8)
     q = ((qs.unflatten(-1, (2, 1, 32)) >> shifts[:, None]) & 3).reshape(*b.shape[:-1], 16, 16).float()
     return (dl[..., None] * q - ml[..., None]).flatten(-2)
 
@@ -119,7 +121,7 @@ def _deq_q3_k(b):
     hmask, qs, sc12 = b[..., :32], b[..., 32:96], b[..., 96:108]
     d = _f16(b, 108)[..., None]
     lo = torch.stack([sc12[..., :8] & 15, sc12[..., :8] >> 4], dim=-2).flatten(-2)  # [..., 16]
-    shifts4 = torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.uint8)
+    shifts4 = torch.arange(0, 8, 2, device=b.device, dtype=torch.uint8)
     hi = ((sc12[..., 8:12].unsqueeze(-2) >> shifts4[:, None]) & 3).flatten(-2)
     sc = ((lo | (hi << 4)).to(torch.int8) - 32).float()
     ql = ((qs.unflatten(-1, (2, 1, 32)) >> shifts4[:, None]) & 3).reshape(*b.shape[:-1], 16, 16)
@@ -154,7 +156,7 @@ def _deq_q6_k(b):
     d = _f16(b, 208)[..., None]
     lo = torch.stack([ql.unflatten(-1, (2, 64)) & 15, ql.unflatten(-1, (2, 64)) >> 4], -2)  # [..., 2, 2, 64]
     lo = lo.reshape(*b.shape[:-1], 8, 32)
-    shifts4 = torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.uint8)
+    shifts4 = torch.arange(0, 8, 2, device=b.device, dtype=torch.uint8)
     hi = ((qh.unflatten(-1, (2, 1, 32)) >> shifts4[:, None]) & 3).reshape(*b.shape[:-1], 8, 32)
     q = ((lo | (hi << 4)).to(torch.int8) - 32).float().reshape(*b.shape[:-1], 16, 16)
     return ((d * sc)[..., None] * q).flatten(-2)
