@@ -181,3 +181,23 @@ def test_table_engine_reads_a_gguf_layer_by_layer(ref, tmp_path):
         want = torch.empty(rows.slot_layout.nbytes, dtype=torch.uint8)
         rows.for_layer(layer).fill(ckpt.expert_store("mmap").pieces(layer, 3), views(want, rows.slot_layout))
         assert torch.equal(offloaded.host[layer][3], want)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_offloads_a_gguf_like_the_cpu(ref, tmp_path):
+    """On a card: the blocks cross the bus and convert on the device (copy engine and table engine alike),
+    offloaded equal to resident, and the logits within bf16 rounding of the CPU's."""
+    path = write(ref, tmp_path / "mix.gguf", "Q4_K", MIX)
+    ids = IDS.cuda()
+
+    @torch.inference_mode()
+    def run(**kw):
+        return load_model(path, device="cuda", dtype=torch.bfloat16, **kw)(ids)[0].float().cpu()
+
+    copy = {k: run(experts=make_factory(slots=k, store="ram", miss_policy="copy")) for k in (2, 4)}
+    assert torch.equal(copy[2], copy[4])
+    table = run(experts=make_factory(slots=2, store="ram"))  # the CUDA default: the table engine
+    cpu = logits(path)
+    for got in (copy[2], table):
+        assert rel(got, cpu) < 0.02  # bf16 activations everywhere on the card, fp32 beside int4 on the CPU
