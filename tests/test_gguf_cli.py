@@ -129,3 +129,13 @@ def test_chat_template_of_another_format_is_one_line(tmp_path, capsys):
     out = write(src, tmp_path / "chatml.gguf", "Q4_0", strings=chatml)
     line = one_line_error(capsys, main, ["-m", out, "-p", "Hi", "--chat", "-n", 1])
     assert "chatml.gguf: its chat template" in line and "not the Mistral [INST] format" in line
+
+
+def test_perplexity_of_a_gguf(q4k, tmp_path, capsys):
+    from mixtral_lite.cli import perplexity
+
+    text = tmp_path / "t.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune.")
+    perplexity.main([str(a) for a in ("-m", q4k, "-f", text, "-c", 16, "--json", "--no-progress")])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["tokens"] > 10 and 1 < res["perplexity"] < 1e6
