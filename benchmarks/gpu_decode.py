@@ -177,17 +177,23 @@ def child(job: dict) -> dict:
     return out
 
 
-def run_child(job: dict, timeout: int) -> dict:
+def run_child(job: dict, timeout: int, log: Path) -> dict:
+    """One configuration in a child process; its stderr is appended to `log` as it runs (kept when it hangs)."""
     t0 = time.perf_counter()
-    try:
-        r = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
-                           timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
+    start = log.stat().st_size if log.is_file() else 0
+    with open(log, "a") as err:
+        err.write(f"\n== {json.dumps(job)}\n")
+        err.flush()
+        try:
+            r = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], stdout=subprocess.PIPE,
+                               stderr=err, text=True, timeout=timeout, cwd=ROOT)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout} s", "stderr": log.read_text()[start:][-3000:]}
+    text = log.read_text()[start:]
     if r.returncode != 0:
-        return {"error": f"exit {r.returncode}", "stderr": r.stderr[-3000:]}
+        return {"error": f"exit {r.returncode}", "stderr": text[-3000:]}
     row = json.loads(r.stdout.strip().splitlines()[-1])
-    row["stderr"] = [line for line in r.stderr.splitlines() if not line.startswith("quantize")][-8:]
+    row["stderr"] = [line for line in text.splitlines() if not line.startswith("quantize")][-8:]
     row["wall_s"] = time.perf_counter() - t0
     return row
 
@@ -286,8 +292,10 @@ CONFIGS = {
     "shipped": [("resident, graphs", dict(slots=8, profile=True)), ("resident, eager", dict(slots=8, graphs=False,
                                                                                              profile=True)),
                 ("K=4 read, graphs", dict(slots=4, profile=True)), ("K=4 copy (before)", dict(slots=4, miss="copy"))],
-    "full": [("resident, graphs", dict(slots=8, profile=True)),
+    # a profile runs in a row of its own: if torch.profiler hangs or crawls, the plain row's figures are kept
+    "full": [("resident, graphs", dict(slots=8)),
              ("11 GiB read, graphs, real routing", dict(device_memory=11, trace=True)),
+             ("resident, graphs, profile", dict(slots=8, profile=True, tokens=8)),
              ("11 GiB read, graphs, random routing", dict(device_memory=11, profile=True)),
              ("11 GiB copy (before), real routing", dict(device_memory=11, miss="copy", trace=True, tokens=16)),
              ("resident, eager", dict(slots=8, graphs=False, tokens=24))],
@@ -326,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
                     job = {"store": str(store), "tokens": a.tokens, **cfg}
                     if cfg.get("trace"):
                         job["trace"] = str(a.trace)
-                    res[section][label] = run_child(job, a.timeout)
+                    log = Path(os.environ.get("OUT", a.workdir)) / "children.log"
+                    res[section][label] = run_child(job, a.timeout, log)
                     print(f"gpu_decode: {section} / {label}: {_brief(res[section][label])}", file=sys.stderr,
                           flush=True)
                     _save(res)

@@ -90,9 +90,13 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        if meta.get("dtype") not in ST_DTYPES:
-            raise StoreError(f"{path}: tensor {name!r} has unsupported dtype {meta.get('dtype')!r}")
-        begin, end = meta["data_offsets"]
+        if not isinstance(meta, dict) or meta.get("dtype") not in ST_DTYPES:
+            tag = meta.get("dtype") if isinstance(meta, dict) else meta
+            raise StoreError(f"{path}: tensor {name!r} has unsupported dtype {tag!r}")
+        offsets = meta.get("data_offsets")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets):
+            raise StoreError(f"{path}: tensor {name!r} has data_offsets {offsets!r}, not [begin, end]")
+        begin, end = offsets
         out[name] = TensorInfo(-1, ST_DTYPES[meta["dtype"]], tuple(meta["shape"]), 8 + n + begin, end - begin)
     return out
 

@@ -32,6 +32,16 @@ except ImportError:  # CPU-only installs: the kernels are CUDA's
     triton = tl = None
 
 
+def shape_unsupported(dim: int, inter: int, group: int) -> str | None:
+    """Why experts of this shape cannot run on the kernels (None: they can)."""
+    if group & (group - 1) or not 32 <= group <= 256:
+        return f"group size {group}: the table kernels take powers of two from 32 to 256"
+    for name, k in (("hidden size", dim), ("intermediate size", inter)):
+        if k % 256 or k % group:
+            return f"{name} {k} is not a multiple of 256 and of the group size"
+    return None
+
+
 def available(device: torch.device | str) -> str | None:
     """Why the kernels cannot run on device (None: they can)."""
     device = torch.device(device)
@@ -51,15 +61,22 @@ def _interpreted() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _dot_rows(w, sz, rows, c, g, xe, xo, K: tl.constexpr, NG: tl.constexpr):
-        # sum over a block of byte columns c of W[rows, 2c] x[2c] + W[rows, 2c + 1] x[2c + 1], fp32
+    def _dot_rows(w, sz, rows, k0, xe, xo, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+        # sum over input columns k0 .. k0 + BLOCK_K of W[rows, k] x[k] in fp32, a group at a time:
+        # sum_k ((q - 8) s + z) x_k = s * sum_k (q - 8) x_k + z * sum_k x_k   (one scale and zero per group)
+        c = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte columns: codes 2c (low nibble) and 2c + 1 (high)
         b = tl.load(w + rows[:, None] * (K // 2) + c[None, :])
-        meta = (rows[:, None] * NG + g[None, :]) * 2
-        s = tl.load(sz + meta).to(tl.float32)
-        z = tl.load(sz + meta + 1).to(tl.float32)
         lo = (b & 15).to(tl.float32) - 8.0
         hi = (b >> 4).to(tl.float32) - 8.0
-        return tl.sum((lo * s + z) * xe[None, :] + (hi * s + z) * xo[None, :], axis=1)
+        part = tl.reshape(lo * xe[None, :] + hi * xo[None, :], (BLOCK_N, BLOCK_K // GROUP, GROUP // 2))
+        per_group = tl.sum(part, axis=2)  # [BLOCK_N, groups in the block]
+        x_group = tl.sum(tl.reshape(xe + xo, (BLOCK_K // GROUP, GROUP // 2)), axis=1)
+        g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+        meta = (rows[:, None] * (K // GROUP) + g[None, :]) * 2
+        s = tl.load(sz + meta).to(tl.float32)
+        z = tl.load(sz + meta + 1).to(tl.float32)
+        return tl.sum(per_group * s + z * x_group[None, :], axis=1)
 
     @triton.jit
     def _gate_up(x_ptr, table_ptr, ids_ptr, h_ptr, I, W_OFF, SZ_OFF, E_BASE,  # noqa: E741
@@ -78,9 +95,8 @@ if triton is not None:
             c = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             xe = tl.load(x + 2 * c).to(tl.float32)
             xo = tl.load(x + 2 * c + 1).to(tl.float32)
-            g = (2 * c) // GROUP
-            acc_g += _dot_rows(w, sz, rows, c, g, xe, xo, K, K // GROUP)
-            acc_u += _dot_rows(w, sz, rows + I, c, g, xe, xo, K, K // GROUP)
+            acc_g += _dot_rows(w, sz, rows, k0, xe, xo, K, GROUP, BLOCK_N, BLOCK_K)
+            acc_u += _dot_rows(w, sz, rows + I, k0, xe, xo, K, GROUP, BLOCK_N, BLOCK_K)
         gate = acc_g.to(tl.bfloat16).to(tl.float32)
         up = acc_u.to(tl.bfloat16).to(tl.float32)
         act = (gate / (1.0 + tl.exp(-gate))).to(tl.bfloat16).to(tl.float32)
@@ -105,7 +121,7 @@ if triton is not None:
                 c = k0 // 2 + tl.arange(0, BLOCK_K // 2)
                 he = tl.load(h + 2 * c).to(tl.float32)
                 ho = tl.load(h + 2 * c + 1).to(tl.float32)
-                part += _dot_rows(w, sz, rows, c, (2 * c) // GROUP, he, ho, K, K // GROUP)
+                part += _dot_rows(w, sz, rows, k0, he, ho, K, GROUP, BLOCK_N, BLOCK_K)
             wt = tl.load(wts_ptr + a)
             acc = (acc.to(tl.float32) + (wt * part.to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16)).to(tl.bfloat16)
         if HAS_RES:
@@ -113,23 +129,28 @@ if triton is not None:
         tl.store(out_ptr + t * D + rows, acc)
 
 
-def _block(n: int, k: int, programs: int) -> tuple[int, int]:
+def _block(n: int, k: int, group: int, programs: int) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_K) dividing n and k: rows per program (the largest that still gives about `programs`
-    programs, e.g. two per multiprocessor of an H100/H200), input columns per step."""
+    programs, e.g. two per multiprocessor of an H100/H200), input columns per step (whole groups)."""
     fits = [b for b in (32, 16, 8, 4, 2, 1) if n % b == 0]
     bn = next((b for b in fits if n // b >= programs), fits[-1])
-    bk = next(b for b in (256, 128, 64, 32, 16, 8, 4, 2) if k % b == 0)
+    bk = next(b for b in (256, 512, 1024) if k % b == 0 and b % group == 0)
     return bn, bk
 
 
 class TableMoE:
     """The two kernels for one expert shape: w13 [2I, D] and w2 [D, I] at byte offsets inside an expert buffer."""
 
-    def __init__(self, dim: int, inter: int, group: int, offsets: dict[str, int], top_k: int):
+    def __init__(self, dim: int, inter: int, group: int, offsets: dict[str, int], top_k: int, programs: int = 264):
+        why = shape_unsupported(dim, inter, group)
+        if why:
+            raise ValueError(why)
         self.d, self.i, self.group, self.top_k = dim, inter, group, top_k
         self.off = offsets  # "w13.w", "w13.sz", "w2.w", "w2.sz" -> byte offset in the expert's buffer
-        # one token: gate_up has top_k experts' rows to share out, down only D rows
-        self.blocks_up, self.blocks_down = _block(inter, dim, 264 // top_k), _block(dim, inter, 264)
+        # one token: gate_up has top_k experts' rows to share out, down only D rows; `programs`: about two
+        # per multiprocessor of an H100/H200
+        self.blocks_up = _block(inter, dim, group, programs // top_k)
+        self.blocks_down = _block(dim, inter, group, programs)
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, table: torch.Tensor,
                  e_base: int, h: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None = None) -> None:
@@ -169,7 +190,7 @@ def self_check(device: torch.device) -> str | None:
     from offload.rows import RowsMat, pack_rows_codes, pack_rows_meta, rows_specs
 
     gen = torch.Generator().manual_seed(4)
-    d, i, g, e, top = 64, 96, 32, 3, 2
+    d, i, g, e, top = 256, 256, 64, 3, 2
     layout = Layout.plan(rows_specs("w13", 2 * i, d, g) + rows_specs("w2", d, i, g))
     bufs, mats = [], []
     for _ in range(e):
@@ -190,7 +211,8 @@ def self_check(device: torch.device) -> str | None:
     out = torch.empty_like(x)
     h = torch.empty(2 * top, i, dtype=torch.bfloat16, device=device)
     try:
-        TableMoE(d, i, g, offsets, top)(x, ids, weights, table, 0, h, out)
+        # few, wide programs in the interpreter (it runs them one by one on the CPU)
+        TableMoE(d, i, g, offsets, top, programs=8 if _interpreted() else 264)(x, ids, weights, table, 0, h, out)
     except Exception as exc:  # a compiler or driver failure: the run must not use these kernels
         return f"the table kernels failed on {device} ({type(exc).__name__}: {str(exc).splitlines()[0][:100]})"
     want = reference(x, mats, ids, weights)

@@ -218,3 +218,63 @@ def test_quantize_offers_every_quantization_method(capsys):
         qe.main(["--help"])
     assert e.value.code == 0
     assert "{" + ",".join(METHODS) + "}" in capsys.readouterr().out
+
+
+# ---- issue 25, item 6: the safetensors faults that named no tensor or file -----------------------------------
+def _rewrite_header(file: Path, edit) -> None:
+    """Edit a safetensors header in place (padded to its old length: the data does not move)."""
+    raw = file.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    new = json.dumps(header, separators=(",", ":")).encode()
+    assert len(new) <= n
+    file.write_bytes(raw[:8] + new.ljust(n) + raw[8 + n :])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h["model.norm.weight"].__setitem__("data_offsets", [0, 7]),
+     "tensor 'model.norm.weight': shape [64] in F32 takes 256 bytes, its data_offsets span 7"),
+    (lambda h: h["model.norm.weight"].__setitem__("data_offsets", [10**9, 10**9 + 256]),
+     "tensor 'model.norm.weight': data_offsets [1000000000, 1000000256] fall outside"),
+    (lambda h: h["model.norm.weight"].__setitem__("dtype", "Q9"), "tensor 'model.norm.weight': unknown dtype 'Q9'"),
+    (lambda h: h["model.norm.weight"].__setitem__("shape", [2, 2]),
+     "tensor 'model.norm.weight': shape [2, 2] in F32 takes 16 bytes"),
+])
+def test_safetensors_faults_name_the_tensor(model_copy, edit, message, capsys):
+    _rewrite_header(model_copy / "model.safetensors", edit)
+    line = one_line_error(capsys, generate_main, ["-m", model_copy, "-p", "x", "-t", 1])
+    assert "model.safetensors: not a readable safetensors file" in line and message in line
+
+
+def test_a_shard_that_is_a_directory(model_copy, capsys):
+    f = model_copy / "model.safetensors"
+    f.rename(model_copy / "shard-1.safetensors")
+    index = {"weight_map": {n: "shard-1.safetensors" for n in load_file(model_copy / "shard-1.safetensors")}}
+    index["weight_map"]["model.norm.weight"] = "sub"
+    (model_copy / "sub").mkdir()
+    (model_copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    line = one_line_error(capsys, generate_main, ["-m", model_copy, "-p", "x", "-t", 1])
+    assert f"{model_copy / 'sub'}: is a directory, not a safetensors file" in line
+
+
+@pytest.fixture(scope="module")
+def small_store(mixtral_ref, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("store") / "q4"
+    assert qe.main([str(mixtral_ref[1]), str(dst), "--bits", "4", "--method", "rtn"]) == 0
+    return dst
+
+
+@pytest.mark.parametrize("target, edit, message", [
+    ("experts", lambda h: h["layers.0.experts.1"].pop("data_offsets"),
+     "tensor 'layers.0.experts.1' has data_offsets None, not [begin, end]"),
+    ("dense.safetensors", lambda h: h["model.norm.weight"].__setitem__("dtype", "X1"),
+     "tensor 'model.norm.weight': unknown dtype 'X1'"),
+])
+def test_store_header_faults_name_file_and_tensor(small_store, tmp_path, target, edit, message, capsys):
+    d = tmp_path / "q"
+    shutil.copytree(small_store, d)
+    file = next(d.glob("experts-*.safetensors")) if target == "experts" else d / target
+    _rewrite_header(file, edit)
+    line = one_line_error(capsys, generate_main, ["-m", d, "-p", "x", "-t", 1, "--experts-per-layer", 2])
+    assert str(file) in line and message in line

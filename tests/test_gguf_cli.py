@@ -81,7 +81,7 @@ def test_prepack_tool_then_read_in_place(q4k, tmp_path, capsys):
     f = tmp_path / "plan.json"
     main([str(a) for a in ("-m", copy, "--dry-run", "--stats-json", f)])
     plan = json.loads(f.read_text())
-    assert plan["device_expert_bytes"] == 0 and plan["experts_note"] == "converted-experts file read in place"
+    assert plan["codec"] == "prepacked" and f"read in place from {copy.name}.int4-cpu" in plan["note"]
     with torch.inference_mode():
         ids = torch.tensor([[1, 415, 2936, 9060]])
         assert torch.equal(load_model(copy)(ids), load_model(q4k)(ids))
@@ -91,7 +91,7 @@ def test_experts_too_big_for_ram_are_refused_with_the_way_out(q4k, monkeypatch, 
     import psutil
 
     class Tiny:
-        available = 1 << 20
+        available, total = 1 << 20, 1 << 40
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny)
     line = one_line_error(capsys, main, ["-m", q4k, "-p", "Hi", "-n", 1])
     assert "more than the 0.0 GiB of RAM available" in line and "tools/gguf_prepack.py" in line

@@ -93,11 +93,19 @@ def test_pinning_failure_falls_back_to_pageable_with_a_warning(ckpt):
 
 # -- 3 and 4: the device budget -------------------------------------------------------------------
 def test_cuda_without_flags_takes_the_budget_path(mixtral_ref):
-    """No K and no --device-memory on CUDA: a factory that sizes K from free memory (no CUDA call yet)."""
+    """No K and no --device-memory on CUDA: a store's K is left to the free memory at load (no CUDA call yet);
+    a Hugging Face checkpoint keeps every expert resident, on either device."""
+    from mixtral_lite.runtime.sizing import Sizes, decide, place
+
     _, path = mixtral_ref
     cfg = ModelConfig.from_dir(path)
-    assert offloading.build(LoadPlan(path, cfg, torch.device("cpu"), torch.float32, 4096, 512)) is None
-    assert offloading.build(LoadPlan(path, cfg, torch.device("cuda"), torch.bfloat16, 4096, 512)) is not None
+    cpu, cuda = (LoadPlan(path, cfg, torch.device(d), t, 4096, 512) for d, t in (("cpu", torch.float32),
+                                                                                ("cuda", torch.bfloat16)))
+    assert offloading.build(cpu, decide(cpu)[1]) is None and offloading.build(cuda, decide(cuda)[1]) is None
+    store = Sizes("store", 1 << 20, slot=1 << 16, host=1 << 15, codec="fused")
+    assert place(cuda, store).experts == "offloaded" and place(cuda, store).k is None
+    assert offloading.build(cuda, place(cuda, store)) is not None
+    assert place(cpu, store).experts == "cached"  # the CPU: every expert converted once, read through the mapping
 
 
 def test_12_gib_plan_counts_what_torch_does_not_see():

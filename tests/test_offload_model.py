@@ -11,7 +11,7 @@ import torch
 
 from mixtral_lite.generation.decode import generate
 from mixtral_lite.model.config import ModelConfig
-from mixtral_lite.runtime import budget, offloading
+from mixtral_lite.runtime import budget, offloading, sizing
 from mixtral_lite.runtime.flags import add_model_args, live_policies
 from mixtral_lite.runtime.load import load_model
 from mixtral_lite.runtime.plan import plan_load
@@ -87,7 +87,8 @@ def parse(*argv: str):
 
 def build(path, *argv: str):
     """The experts factory generate would load `path` with, on the CPU, given these flags."""
-    return offloading.build(plan_load(parse("-m", str(path), "--device", "cpu", *argv)))
+    plan = plan_load(parse("-m", str(path), "--device", "cpu", *argv))
+    return offloading.build(plan, sizing.decide(plan)[1])
 
 
 def test_build_turns_offloading_on_only_when_asked(mixtral_ref):
@@ -142,9 +143,8 @@ def test_device_memory_picks_k_or_says_what_it_needs(mixtral_ref, capsys):
         assert model.experts.engine.cache.slots == k
         assert f"-> {k} experts per layer" in capsys.readouterr().err
     gib = (dense + kv + act + cfg.num_layers * expert) / budget.GIB
-    factory = build(path, "--device-memory", f"{gib!r}")
     with pytest.raises(SystemExit, match=r"--device-memory .* GiB is too small: dense weights .* needs at least"):
-        load_model(path, experts=factory)
+        build(path, "--device-memory", f"{gib!r}")  # when the plan is made, before anything loads
 
 
 def test_dense_model_rejects_expert_flags(mistral_ref):

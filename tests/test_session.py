@@ -51,3 +51,91 @@ def test_batch_rows_equal_alone_and_leave_early(mixtral_ref):
     assert len(steps) == 9 and [len(s) for s in steps] == [2, 2, 2] + [1] * 6
     for g in gens:
         assert g.tokens == generate(model, [g.ids], g.params.max_tokens, window=4096)[0]
+
+
+# ---- a row can only fail itself (issue 25) ---------------------------------------------------------------
+def _alone(model, tok, gens):
+    return [generate(model, [g.ids], g.params.max_tokens, window=4096)[0] for g in gens]
+
+
+def _batch(tok, seeds=(0, 0, 0)):
+    texts = ["a b", "c d e f", "g h i"]
+    return [Generation(tok.encode(t), Params(max_tokens=6, ignore_eos=True, seed=s))
+            for t, s in zip(texts, seeds, strict=True)]
+
+
+def test_a_row_whose_start_fails_fails_alone(mixtral_ref):
+    _, path = mixtral_ref
+    model, tok = load_model(path), Tokenizer.from_dir(path)
+    gens = _batch(tok, seeds=(0, 1 << 70, 0))  # a seed torch cannot take (the server refuses it earlier)
+    list(Session(model, tok, 4096).run(gens))
+    assert gens[1].finish_reason == "error" and "Overflow" in gens[1].error and gens[1].tokens == []
+    want = _alone(model, tok, gens)
+    assert [gens[0].tokens, gens[2].tokens] == [want[0], want[2]]
+    assert gens[0].finish_reason == gens[2].finish_reason == "length"
+
+
+def test_nan_logits_fail_their_row_alone(mixtral_ref):
+    import math
+
+    _, path = mixtral_ref
+    model, tok = load_model(path), Tokenizer.from_dir(path)
+    gens = _batch(tok)
+    want = _alone(model, tok, gens)
+
+    def poison(module, inputs, out):  # row 1's logits go bad from the prompt on (rows keep their order)
+        if out.shape[0] == 3:
+            out[1] = math.nan
+        return out
+    hook = model.lm_head.register_forward_hook(poison)
+    try:
+        list(Session(model, tok, 4096).run(gens))
+    finally:
+        hook.remove()
+    assert gens[1].finish_reason == "error" and "prompt evaluation: the model's logits hold" in gens[1].error
+    assert [gens[0].tokens, gens[2].tokens] == [want[0], want[2]]
+
+
+def test_a_failed_forward_fails_its_rows_and_the_session_goes_on(mixtral_ref):
+    _, path = mixtral_ref
+    model, tok = load_model(path), Tokenizer.from_dir(path)
+    session = Session(model, tok, 4096)
+    calls = [0]
+
+    def broken(module, inputs, out):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("device lost")
+        return out
+    hook = model.lm_head.register_forward_hook(broken)
+    gens = _batch(tok)[:1]
+    try:
+        steps = list(session.run(gens))
+    finally:
+        hook.remove()
+    assert gens[0].finish_reason == "error" and gens[0].error == "RuntimeError: device lost"
+    assert len(steps) == 3 and steps[-1] == [(gens[0], "")] and len(gens[0].tokens) == 2  # prefill, 1 step, broken
+    again = _batch(tok)[:1]
+    list(session.run(again))  # the cache forgot the broken step: a fresh prefill, the reference answer
+    assert again[0].tokens == _alone(model, tok, again)[0] and again[0].cached_tokens == 0
+
+
+def test_ids_past_the_tokenizer_are_never_sampled(mixtral_ref):
+    import torch
+
+    _, path = mixtral_ref
+    model, tok = load_model(path), Tokenizer.from_dir(path)
+    session = Session(model, tok, 4096)
+    session.vocab_limit = 100  # as for a model whose vocabulary is padded past a 100-piece tokenizer
+
+    def push_up(module, inputs, out):
+        out[..., 100:] += 50.0  # the ids past the limit would win every draw
+        return out
+    hook = model.lm_head.register_forward_hook(push_up)
+    try:
+        gens = _batch(tok)
+        list(session.run(gens))
+    finally:
+        hook.remove()
+    assert all(g.finish_reason == "length" and max(g.tokens) < 100 for g in gens)
+    assert torch.tensor([g.tokens for g in gens]).numel() == 18

@@ -112,22 +112,22 @@ def test_offloaded_steps_equal_resident_steps_and_the_table_always_names_the_rig
     assert resident.stats()["hit_rate"] == 1.0
 
 
-def test_admissions_follow_lru_one_step_late(store):
+def test_admissions_take_free_slots_then_only_experts_used_more_than_the_victim(store):
     eng = engine(store, 2)
-    steps = [torch.tensor([pair] * eng.layers) for pair in ([0, 1], [2, 3], [0, 2])]
+    step = {name: torch.tensor([pair] * eng.layers) for name, pair in (("01", [0, 1]), ("23", [2, 3]),
+                                                                       ("02", [0, 2]))}
     x = torch.randn(1, 64).to(torch.bfloat16)
-    decode(eng, steps[:1], x)
-    assert {_where(eng, 0, e) for e in (0, 1)} == {"host"}  # admitted, copied; the table follows at the next poll
-    eng.poll()
+    decode(eng, [step["01"]], x)  # free slots: admitted after the step, the table follows the copy
     assert {_where(eng, 0, e) for e in (0, 1)} == {"slot 0", "slot 1"}
-    decode(eng, steps[1:2], x)  # 2 and 3 evict 0 and 1
-    eng.poll()
-    assert _where(eng, 0, 0) == _where(eng, 0, 1) == "host" and "slot" in _where(eng, 0, 2)
+    decode(eng, [step["23"]], x)  # used once, like 0 and 1: not worth a copy; read in place
+    assert _where(eng, 0, 2) == _where(eng, 0, 3) == "host" and "slot" in _where(eng, 0, 0)
+    assert eng.stats()["expert_copies"] == 2 * eng.layers
+    decode(eng, [step["23"]], x)  # now used twice: they evict 0 and 1
+    assert "slot" in _where(eng, 0, 2) and "slot" in _where(eng, 0, 3) and _where(eng, 0, 0) == "host"
     before = eng.stats()["expert_misses"]
-    decode(eng, steps[2:], x)  # 0 misses (read in place), 2 hits; then 0 evicts 3, the least recent
-    eng.poll()
-    assert eng.stats()["expert_misses"] - before == eng.layers and "slot" in _where(eng, 0, 0)
-    assert _where(eng, 0, 3) == "host"
+    decode(eng, [step["02"]], x)  # 0 is read in place, 2 is a hit
+    assert eng.stats()["expert_misses"] - before == eng.layers
+    assert eng.stats()["expert_copies"] == 4 * eng.layers
 
 
 def test_prefill_admits_and_equals_the_resident_engine(store):

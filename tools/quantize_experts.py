@@ -30,7 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ is a folder of scripts, not a package
 
-DEFAULT_GROUP = {2: 32, 3: 128, 4: 64, 8: 128}  # <= 3.0, <= 3.5, 4.27, 8.25 bits/weight with 8-bit meta
+from mixtral_lite.model.quant_defaults import DEFAULT_GROUP  # noqa: E402  (torch-free; the dry run plans with it too)
+
 LAZY = ("convert", "Converter", "QuantizeError", "InjectedFailure", "JOURNAL", "source_identity", "run_converter")
 
 

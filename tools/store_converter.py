@@ -19,6 +19,7 @@ from quantize_checks import store_differences  # noqa: E402
 from store_writing import Journal, Progress, StreamWriter, atomic_copy, atomic_write  # noqa: E402
 
 from mixtral_lite.model.checkpoint import INDEX, SINGLE, Checkpoint, check_finite, expert_name, shard_map
+from mixtral_lite.model.qplan import dense_kind
 from mixtral_lite.model.qstore import (
     DENSE,
     FORMAT,
@@ -124,21 +125,10 @@ class Converter:
         """A source tensor in its stored dtype."""
         return self._src(name).get_tensor(name)
 
-    def _kind_of(self, name: str) -> tuple[str, QuantSpec | None] | None:
-        """(kind, int4 settings) a dense tensor is stored as, or None to copy it unchanged."""
-        d = self.dense
-        if ".self_attn." in name:
-            return ("int8", None) if d.attn_int8 else ("int4", d.attn) if d.attn else None
-        if ".mlp." in name:  # a dense Mistral's MLP takes the experts' settings
-            return ("int4", self.spec) if self.spec.bits <= 4 else ("int8", None)
-        if name == "lm_head.weight" and d.head_bits == 8 or name == "model.embed_tokens.weight" and d.embed_bits == 8:
-            return "int8", None
-        return None
-
     def _dense_kinds(self) -> dict[str, tuple[str, QuantSpec | None]]:
         out = {}
         for name in self.ckpt.names():
-            kind = None if ".experts." in name else self._kind_of(name)
+            kind = dense_kind(name, self.spec, self.dense)
             if kind is None:
                 continue
             if kind[0] == "int4":

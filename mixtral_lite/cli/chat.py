@@ -11,12 +11,8 @@ import argparse
 import signal
 import sys
 
-from ..generation.sampling import check_args
-from ..generation.session import Generation, Params, Session
-from ..runtime.device import set_threads
 from ..runtime.flags import POSITIVE, add_model_args, add_sampling_args, resolve_seed
-from ..runtime.load import open_session
-from ..runtime.plan import plan_load
+from .front_door import describe, fail, front_door, guard_std_streams
 
 PROMPT = "> "
 
@@ -32,19 +28,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Chat:
-    def __init__(self, session: Session, args):
+    def __init__(self, session, args, ctx_size: int | None = None):
         self.session, self.args = session, args
+        self.ctx_size = ctx_size or session.window  # -c: the window a model without a sliding window keeps
         self.history: list[dict] = []
-        self.last: Generation | None = None
+        self.last = None
+        self._warned: set[str] = set()  # each context warning once per conversation
 
-    def answer(self, text: str, write=sys.stdout.write) -> Generation:
-        """Stream the answer to `text`; Ctrl-C (SIGINT) ends it early and keeps what was said."""
+    def answer(self, text: str, write=None):
+        """Stream the answer to `text`; Ctrl-C (SIGINT) ends it early and keeps what was said. A failed
+        answer raises; the conversation keeps what was said before it."""
+        from ..generation.session import Generation, Params
+        from ..runtime.checks import context_warnings
+
+        write = write or sys.stdout.write
         system = [{"role": "system", "content": self.args.system}] if self.args.system else []
         messages = [*system, *self.history, {"role": "user", "content": text}]
         a = self.args
         params = Params(max_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                         seed=a.seed, ignore_eos=a.ignore_eos)
         gen = Generation(self.session.tok.encode_chat(messages), params)
+        warnings = context_warnings(self.session.model.config, self.ctx_size, len(gen.ids), a.max_new_tokens,
+                                    "answer (-n)")
+        for kind, line in warnings.items():  # generate's warnings, once per conversation
+            if kind not in self._warned:
+                self._warned.add(kind)
+                print(line, file=sys.stderr)
         previous = signal.signal(signal.SIGINT, lambda signum, frame: gen.cancelled.set())
         pieces = []
         try:
@@ -56,6 +65,8 @@ class Chat:
         finally:
             signal.signal(signal.SIGINT, previous)
         write("\n" + ("[stopped]\n" if gen.finish_reason == "cancelled" else ""))
+        if gen.error is not None:
+            raise RuntimeError(gen.error)
         self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(pieces)}]
         self.last = gen
         return gen
@@ -76,12 +87,14 @@ class Chat:
         return "\n".join(lines)
 
     def reset(self) -> None:
-        self.history, self.last = [], None
+        self.history, self.last, self._warned = [], None, set()
         self.session.reset()
 
 
 def repl(chat: Chat) -> None:
     print("mixtral-lite chat: /reset, /stats, /exit; Ctrl-C stops an answer, Ctrl-D exits", file=sys.stderr)
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # a pasted line that is not UTF-8 is refused, not fatal
     while True:
         try:
             line = input(PROMPT)
@@ -94,6 +107,13 @@ def repl(chat: Chat) -> None:
         text = line.strip()
         if not text:
             continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            byte = ord(text[e.start]) - 0xDC00 if 0xDC80 <= ord(text[e.start]) <= 0xDCFF else None
+            where = f" (byte {byte:#04x} at offset {e.start})" if byte is not None else ""
+            print(f"error: that line is not UTF-8 text{where}; not sent", file=sys.stderr)
+            continue
         if text in ("/exit", "/quit"):
             return
         if text == "/reset":
@@ -104,19 +124,39 @@ def repl(chat: Chat) -> None:
         elif text.startswith("/"):
             print(f"unknown command {text.split()[0]} (try /reset, /stats, /exit)")
         else:
-            chat.answer(text)
+            try:
+                chat.answer(text)
+            except Exception as e:  # noqa: BLE001 - one line; the conversation so far is kept
+                print(f"error: {describe(e)} (the conversation so far is kept; /reset starts afresh)",
+                      file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    resolve_seed(args, "chat")  # generate's rule: a random seed, printed
+    with front_door():  # generate's one-line errors: config, checkpoint, flags, Ctrl-C while loading
+        _main(args)
+
+
+def _main(args) -> None:
+    from ..generation.sampling import check_args
+    from ..runtime.checks import check_kv_memory, open_tokenizer
+    from ..runtime.device import set_threads
+    from ..runtime.load import open_session
+    from ..runtime.plan import plan_load
+    from ..runtime.sizing import decide
+
+    guard_std_streams()
     try:
         check_args(args.temperature, args.top_k, args.top_p)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise fail(str(e)) from None
     plan = plan_load(args, show_cache_on_cpu=True)  # the shipped model shows its expert cache in /stats
+    decided = decide(plan)  # the planner's flag checks, before anything loads
+    open_tokenizer(plan)  # generate's check of tokenizer.model against config.json
+    check_kv_memory(plan, plan.window)
+    resolve_seed(args, "chat")  # generate's rule: a random seed, printed
     set_threads(plan.threads)
-    repl(Chat(open_session(plan), args))
+    repl(Chat(open_session(plan, decided), args, args.ctx_size))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .. import default_model_path
-from ..runtime.flags import NON_NEGATIVE, add_model_args, add_sampling_args, resolve_seed
+from ..runtime.flags import NON_NEGATIVE, POSITIVE, add_model_args, add_sampling_args, positive_float, resolve_seed
 from .front_door import (
     Terminated,
     add_version,
@@ -43,7 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record every (token, layer) expert choice and prefetch guess as jsonl")
     p.add_argument("--dry-run", action="store_true",
                    help="print the memory plan (dense, KV cache, expert slots, host RAM) without loading weights")
+    g = p.add_argument_group("--dry-run planning")
+    g.add_argument("--bits", type=int, choices=(2, 3, 4, 8),
+                   help="plan the store tools/quantize_experts.py --bits N would make from -m (config.json is "
+                        "enough; the quantizer's default dense settings)")
+    g.add_argument("--group-size", type=POSITIVE, help="with --bits: weights per scale/zero (default: the quantizer's)")
+    g.add_argument("--cards", type=card_sizes, nargs="?", const=CARDS, metavar="GB,...",
+                   help="also plan each card size, on CUDA (GiB, as --device-memory; default 8,12,16,24)")
     return p
+
+
+CARDS = (8.0, 12.0, 16.0, 24.0)  # = runtime.dry_run.CARDS, without importing torch
+
+
+def card_sizes(text: str) -> tuple[float, ...]:
+    """argparse type: GiB sizes separated by commas, each a finite number > 0."""
+    try:
+        return tuple(positive_float(t) for t in text.split(","))
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e} (give GiB sizes like 8,12,16)") from None
 
 
 def read_prompt(args) -> str:
@@ -81,29 +99,29 @@ def _main(args) -> None:
     except ValueError as e:
         raise fail(str(e)) from None
 
-    plan = plan_load(args)  # the flags end here: below, only the plan and this command's own options
+    check_planning_flags(args)
+    plan = plan_load(args, planning=args.dry_run)  # the flags end here: below, the plan and this command's options
+    from ..runtime import sizing
+
+    planned = sizing.PlannedStore(args.bits, args.group_size) if args.bits is not None else None
+    decided = sizing.decide(plan, planned)  # the dry run's figures and the run's placement: the same call
     if args.dry_run:
-        return _dry_run(plan, args.stats_json)
+        return _dry_run(plan, decided, args)
     from ..runtime.device import set_threads
 
     threads = set_threads(plan.threads)
     resolve_seed(args, "run")
-    from ..model.source import open_tokenizer
+    from ..runtime.checks import check_kv_memory, open_tokenizer
 
-    cfg, model_dir = plan.config, plan.model_dir
-    tok = open_tokenizer(model_dir)  # before the model: a missing tokenizer costs no load
-    if tok.vocab_size > cfg.vocab_size:
-        raise fail(f"{model_dir}: the tokenizer has {tok.vocab_size} pieces but the config's vocab_size "
-                   f"is {cfg.vocab_size}")
-    if tok.vocab_size < cfg.vocab_size:
-        print(f"note: the model's vocab_size {cfg.vocab_size} exceeds the tokenizer's {tok.vocab_size} pieces; "
-              "ids without a piece are never sampled", file=sys.stderr)
+    cfg = plan.config
+    tok = open_tokenizer(plan)  # before the model: a missing or mismatched tokenizer costs no load
     ids = tok.encode_chat([{"role": "user", "content": text}]) if args.chat else tok.encode(text)
     window = plan_window(args, cfg, len(ids))
-    _generate(args, plan, tok, ids, window, threads)
+    check_kv_memory(plan, window, flags="-c/--ctx-size and -n/--max-new-tokens")
+    _generate(args, plan, decided, tok, ids, window, threads)
 
 
-def _generate(args, plan, tok, ids: list[int], window: int, threads: int) -> None:
+def _generate(args, plan, decided, tok, ids: list[int], window: int, threads: int) -> None:
     from ..runtime.load import load
     from ..runtime.runstats import format_stats, write_json_atomic
     from ..runtime.tracing import trace_model
@@ -111,7 +129,7 @@ def _generate(args, plan, tok, ids: list[int], window: int, threads: int) -> Non
     t0 = time.perf_counter()
     print(f"load: {plan.model_dir} ({_folder_mib(plan.model_dir):.0f} MiB on disk) on {plan.device}, "
           f"{str(plan.dtype).removeprefix('torch.')} ...", file=sys.stderr, flush=True)
-    model = load(plan)
+    model = load(plan, decided)
     load_s = time.perf_counter() - t0
     if model.kernel_notes:  # which kernels the quantized weights run on, chosen once at load
         print("kernels: " + ", ".join(f"{k} {v}" for k, v in model.kernel_notes.items()), file=sys.stderr)
@@ -127,6 +145,7 @@ def _generate(args, plan, tok, ids: list[int], window: int, threads: int) -> Non
     if model.experts is not None:
         stats |= model.experts.stats()
     print(format_stats(stats), file=sys.stderr)
+    stats["plan"] = model.plan_figures  # what --dry-run prints for the same flags
     if args.stats_json:
         write_json_atomic(args.stats_json, stats)
     if stats["interrupted"]:
@@ -143,25 +162,42 @@ def _folder_mib(path: Path) -> float:
 def plan_window(args, cfg, prompt_tokens: int) -> int:
     """The KV window: the model's sliding window or -c, never more than the text needs; warns when
     the text outgrows a full-attention window or the trained context."""
+    from ..runtime.checks import context_warnings
+
     total = prompt_tokens + args.max_new_tokens
-    if cfg.sliding_window is None and total > args.ctx_size:
-        print(f"warning: prompt ({prompt_tokens}) + generation ({args.max_new_tokens}) = {total} tokens exceed "
-              f"the KV window (-c {args.ctx_size}) of a model without a sliding window: the oldest tokens drop "
-              "out of attention (an approximation; raise -c to stay exact)", file=sys.stderr)
-    if total > cfg.max_position_embeddings:
-        print(f"warning: {total} tokens pass the model's trained context (max_position_embeddings "
-              f"{cfg.max_position_embeddings}): quality may fall beyond it", file=sys.stderr)
+    for line in context_warnings(cfg, args.ctx_size, prompt_tokens, args.max_new_tokens).values():
+        print(line, file=sys.stderr)
     return max(1, min(cfg.sliding_window or args.ctx_size, total))
 
 
-def _dry_run(plan, stats_json: Path | None) -> None:
-    from ..runtime.dry_run import figures, format_figures
+def check_planning_flags(args) -> None:
+    """--bits, --group-size and --cards plan; they load nothing, so only --dry-run takes them."""
+    given = [f for f, v in (("--bits", args.bits), ("--group-size", args.group_size), ("--cards", args.cards))
+             if v is not None]
+    if given and not args.dry_run:
+        raise fail(f"{given[0]}: only with --dry-run (a store is made by tools/quantize_experts.py)")
+    if args.group_size is not None and args.bits is None:
+        raise fail("--group-size: only with --bits (a store's own group size is in its manifest)")
+    if args.cards is not None:
+        if args.device == "cpu":
+            raise fail("--cards plans CUDA cards: drop --device cpu")
+        if args.experts_per_layer is not None:
+            raise fail("--cards chooses the expert slots per card: drop --experts-per-layer")
+        args.device = "cuda"
+
+
+def _dry_run(plan, decided, args) -> None:
+    from ..runtime.dry_run import cards, figures, format_cards, format_figures
     from ..runtime.runstats import write_json_atomic
 
-    out = figures(plan)
+    sz, placement = decided
+    out = figures(plan, sz, placement)
     print(format_figures(out))
-    if stats_json:
-        write_json_atomic(stats_json, out)
+    if args.cards is not None:
+        out["cards"] = cards(plan, sz, args.cards)
+        print(format_cards(out["cards"], plan.config.num_experts))
+    if args.stats_json:
+        write_json_atomic(args.stats_json, out)
 
 
 def run(model, tok, ids: list[int], args, device, window: int) -> dict:

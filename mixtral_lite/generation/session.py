@@ -9,10 +9,16 @@ Prompt reuse (llama-server's prompt cache): a batch of one runs in the session's
 which remembers the ids it holds. A follow-up turn that starts with those ids truncates the cache
 back to the common prefix and prefills only the rest, while the prefix is still intact in the
 rolling window (the ring never wrapped); otherwise it prefills from scratch.
+
+A row can only fail itself: a row whose start, logits (NaN/Inf) or text fails ends with finish_reason
+"error" and its `error` message, and the other rows go on; a failed forward pass fails the rows it
+carried (and forgets the cached conversation). Ids past the tokenizer's pieces (a padded vocabulary)
+are never sampled, as in generate.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +29,7 @@ import torch
 from ..model.static_step import decode_step
 from ..model.tokenizer import StreamingDetokenizer, Tokenizer
 from ..model.transformer import Transformer
+from .decode import check_logits
 from .sampling import sample
 from .stops import StopStrings
 
@@ -46,7 +53,8 @@ class Generation:
     params: Params
     cancelled: threading.Event = field(default_factory=threading.Event)
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (EOS or a stop string), "length", "cancelled"
+    finish_reason: str | None = None  # "stop" (EOS or a stop string), "length", "cancelled", "error"
+    error: str | None = None  # why the row failed (finish_reason "error")
     cached_tokens: int = 0  # prompt tokens whose KV came from the previous request (not prefilled)
     t_start: float = 0.0
     t_first: float | None = None
@@ -72,6 +80,13 @@ class Generation:
             return text + self._finish("length")
         return text
 
+    def fail(self, e: BaseException | str) -> str:
+        """End this row with finish_reason "error" and a one-line message; returns no text."""
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        self.error = text if isinstance(e, str) else f"{type(e).__name__}: {text}"
+        self.finish_reason, self.t_end = "error", time.perf_counter()
+        return ""
+
     def cancel_if_asked(self) -> str:
         return self._finish("cancelled") if self.cancelled.is_set() and self.finish_reason is None else ""
 
@@ -96,6 +111,8 @@ class Session:
     def __init__(self, model: Transformer, tok: Tokenizer, window: int, chunk: int = 512):
         self.model, self.tok, self.window, self.chunk = model, tok, window, chunk
         self.device = model.embed.weight.device
+        # a vocabulary padded past the tokenizer's pieces: those ids are never sampled (generate's vocab_limit)
+        self.vocab_limit = tok.vocab_size if tok.vocab_size < model.config.vocab_size else None
         self._cache = model.new_cache(1, window)
         self._cached: list[int] = []  # ids whose keys/values sit in self._cache, in order
         self.prefill_saved = 0  # prompt tokens not prefilled thanks to reuse, over the session
@@ -108,17 +125,24 @@ class Session:
     @torch.inference_mode()
     def run(self, gens: list[Generation]) -> Iterator[list[tuple[Generation, str]]]:
         """Generate for every row; yield [(generation, new text)] per step until all are done."""
-        for g in gens:
-            g.start(self.tok, self.device)
+        failed = [g for g in gens if not self._start(g)]
+        if failed:
+            yield [(g, "") for g in failed]
+        live = [g for g in gens if not g.done]
+        if not live:
+            return
         with self.lock:
-            cache, logits = self._prefill(gens)
-            live = list(gens)
+            try:
+                cache, logits = self._prefill(live)
+            except Exception as e:  # noqa: BLE001 - the rows it carried fail; the session stays usable
+                yield self._fail_all(live, e)
+                return
+            step_no = 0
             while live:
                 step, nxt = [], []
                 for row, g in enumerate(live):  # each row samples alone: its own settings and seed
-                    p = g.params
-                    token = sample(logits[row : row + 1, -1].float(), p.temperature, p.top_k, p.top_p, g.rng)
-                    step.append((g, g.accept(int(token)) + g.cancel_if_asked()))
+                    token, text = self._sample(g, logits[row : row + 1, -1], step_no)
+                    step.append((g, text))
                     nxt.append(token)
                 yield step
                 keep = [row for row, g in enumerate(live) if not (g.done or g.cancel_if_asked())]
@@ -127,7 +151,41 @@ class Session:
                 if len(keep) < len(live):
                     cache.select_rows(keep)
                 live, nxt = [live[r] for r in keep], [nxt[r] for r in keep]
-                logits = self._feed(cache, torch.stack(nxt), live)
+                step_no += 1
+                try:
+                    logits = self._feed(cache, torch.stack(nxt), live)
+                except Exception as e:  # noqa: BLE001
+                    yield self._fail_all(live, e)
+                    return
+
+    def _start(self, g: Generation) -> bool:
+        try:
+            g.start(self.tok, self.device)
+        except Exception as e:  # noqa: BLE001 - e.g. a seed torch cannot take: this row alone fails
+            g.fail(e)
+            return False
+        return True
+
+    def _sample(self, g: Generation, last: torch.Tensor, step_no: int) -> tuple[torch.Tensor, str]:
+        """(token [1], text) for one row from its logits [1, V]; a failure fails the row alone."""
+        p = g.params
+        last = last.float()
+        try:
+            limited = last
+            if self.vocab_limit is not None:
+                limited = last.clone()
+                limited[:, self.vocab_limit :] = -math.inf
+            token = sample(limited, p.temperature, p.top_k, p.top_p, g.rng)
+            tid = int(torch.where(torch.isfinite(last).all(dim=-1), token, -1))  # the row's one host sync
+            if tid < 0:
+                check_logits(last, "prompt evaluation" if step_no == 0 else f"decode step {step_no}")
+            return token, g.accept(tid) + g.cancel_if_asked()
+        except Exception as e:  # noqa: BLE001
+            return torch.zeros(1, dtype=torch.long, device=self.device), g.fail(e)
+
+    def _fail_all(self, live: list[Generation], e: Exception) -> list[tuple[Generation, str]]:
+        self.reset()  # the cache may hold part of a step
+        return [(g, g.fail(e)) for g in live if not g.done]
 
     def _prefill(self, gens: list[Generation]):
         """(cache, last logits [B, 1, V]) after the prompts; reuses the cached prefix for one row."""

@@ -7,6 +7,7 @@ so the checkpoint is never held twice in memory. Every problem names the file an
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def shard_map(path: Path) -> dict[str, Path]:
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{path / INDEX}: 'weight_map' must map tensor names to shard files")
         return {name: path / shard for name, shard in weight_map.items()}
-    if (path / SINGLE).is_file():
+    if (path / SINGLE).exists():
         return {name: path / SINGLE for name in _open(path / SINGLE).keys()}
     if (path / "dense.safetensors").is_file() or any(path.glob("experts-*-of-*.safetensors*")):
         raise CheckpointError(f"{path}: a quantized store without its manifest.json (an interrupted "
@@ -71,6 +72,8 @@ def shard_map(path: Path) -> dict[str, Path]:
 
 
 def _open(file: Path):
+    if file.is_dir():
+        raise CheckpointError(f"{file}: is a directory, not a safetensors file")
     if not file.is_file():
         raise CheckpointError(f"{file}: shard is missing")
     if not os.access(file, os.R_OK):
@@ -78,7 +81,59 @@ def _open(file: Path):
     try:
         return safe_open(str(file), framework="pt", device="cpu")
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise CheckpointError(f"{file}: not a readable safetensors file ({_first_line(e)})") from None
+        raise CheckpointError(f"{file}: not a readable safetensors file ({header_problem(file) or _first_line(e)})") \
+            from None
+
+
+# bytes per element of each safetensors dtype tag (the 4- and 6-bit floats pack below a byte: not sized here)
+ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "F8_E4M3FNUZ": 1,
+               "F8_E5M2FNUZ": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "C64": 8,
+               "F64": 8, "I64": 8, "U64": 8, "F4": 0, "F6_E2M3": 0, "F6_E3M2": 0}
+
+
+def header_problem(file: Path) -> str | None:
+    """What is wrong in a safetensors file's header, naming the tensor (None: nothing this check finds).
+    safetensors' own messages often name no tensor ("invalid shape, data type, or offset for tensor")."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                return f"too short to be a safetensors file ({size} bytes)"
+            n = int.from_bytes(raw, "little")
+            if n > size - 8:
+                return f"header length {n} does not fit the file ({size} bytes); truncated?"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return f"unreadable header ({_first_line(e)})"
+    if not isinstance(header, dict):
+        return "the header is not a JSON object"
+    data = size - 8 - n
+    for name, meta in header.items():
+        if name != "__metadata__":
+            why = _entry_problem(meta, data)
+            if why:
+                return f"tensor {name!r}: {why}"
+    return None
+
+
+def _entry_problem(meta, data: int) -> str | None:
+    if not isinstance(meta, dict):
+        return "its header entry is not an object"
+    tag, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+    if tag not in ST_ITEMSIZE:
+        return f"unknown dtype {tag!r}"
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        return f"shape {shape!r} is not a list of sizes"
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets):
+        return f"data_offsets {offsets!r} is not [begin, end]"
+    begin, end = offsets
+    if not 0 <= begin <= end <= data:
+        return f"data_offsets [{begin}, {end}] fall outside the file's {data} bytes of data"
+    need = math.prod(shape) * ST_ITEMSIZE[tag]
+    if ST_ITEMSIZE[tag] and end - begin != need:
+        return f"shape {shape} in {tag} takes {need} bytes, its data_offsets span {end - begin}"
+    return None
 
 
 def _first_line(e: Exception) -> str:

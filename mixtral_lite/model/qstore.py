@@ -35,13 +35,16 @@ import torch
 from safetensors import safe_open
 
 from offload.fused import FusedCodec, fused_unsupported, kernel_layout, output_matrices, rows_unsupported
+from offload.kernels import CpuInt4Layout
+from offload.packing import Layout
 from offload.prepacked import PACKINGS, PrepackedCodec, prepack_unsupported, stored_cpu_layout
 from offload.qdense import dense_layout, dequantized
 from offload.quant import HQQCodec, QuantSpec, expert_layout, layout_from_dict
 from offload.store import Piece, RamStore, SafetensorsSource, StoreError
 
-from .checkpoint import CheckpointError, expected_shapes
+from .checkpoint import CheckpointError, expected_shapes, header_problem
 from .config import ModelConfig
+from .qplan import DenseSettings, dense_device_bytes
 
 FORMAT = "mixtral-lite-qstore"
 VERSION = 2
@@ -51,18 +54,21 @@ EXPERT_ROLES = ("w1", "w2", "w3")  # the order swiglu_expert takes them
 STACK = {"w13": ("w1", "w3")}  # one kernel matrix for the up-projections: (w13, w2) per expert
 
 
-@dataclass(frozen=True)
-class DenseSettings:
-    """How the non-expert matrices are stored: bits per role (16 = source dtype, unchanged)."""
+CODECS = ("prepacked", "fused", "dequantize")
 
-    attn: QuantSpec | None = None  # int4 (axis 1) or None
-    attn_int8: bool = False
-    head_bits: int = 16
-    embed_bits: int = 16
 
-    def to_dict(self) -> dict:
-        return {"attention": "int8" if self.attn_int8 else (self.attn.to_dict() if self.attn else 16),
-                "lm_head": self.head_bits, "embeddings": self.embed_bits}
+def codec_kind(matrices: dict[str, tuple[int, int]], spec: QuantSpec, cpu_layout, device: torch.device | str,
+               fused: bool = True) -> tuple[str, str | None]:
+    """Which expert codec a store runs on `device` (one of CODECS) and, for "dequantize", why no fused kernel."""
+    if cpu_layout is not None:
+        why = prepack_unsupported(matrices, spec, device, STACK) if fused else \
+            "the dequantize-then-multiply path reads hqq's layout only"
+        if why:
+            raise CheckpointError(f"experts stored in a CPU int4 kernel's layout (--prepack) cannot run on "
+                                  f"{torch.device(device).type} here: {why}; re-make the store without --prepack")
+        return "prepacked", None
+    why = fused_unsupported(matrices, spec, device) if fused else "asked for"
+    return ("fused", None) if why is None else ("dequantize", why)
 ST_TAG = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8"}
 
 
@@ -123,6 +129,73 @@ class ChecksummedSource:
         self.inner.release(layer, expert)
 
 
+@dataclass(frozen=True)
+class ExpertFormat:
+    """How a store's experts are stored: what its manifest says, checked against config.json (no file read)."""
+
+    matrices: dict[str, tuple[int, int]]
+    spec: QuantSpec
+    packing: str  # "hqq", or a CPU int4 kernel layout (--prepack)
+    cpu_layout: CpuInt4Layout | None  # None: hqq's layout
+    layout: Layout  # one packed expert as stored
+
+
+def expert_format(man: dict, cfg: ModelConfig, where: Path) -> ExpertFormat | None:
+    """The manifest's experts (None for a dense Mistral store); errors name the manifest."""
+    ex = man.get("experts")
+    if cfg.is_moe != (ex is not None):
+        raise CheckpointError(f"{where}: {'no ' if ex is None else ''}experts listed, but "
+                              f"config.json describes a {'Mixtral' if cfg.is_moe else 'dense Mistral'}")
+    if ex is None:
+        return None
+    try:
+        spec = QuantSpec.from_dict(ex["spec"])
+        matrices = {k: tuple(v) for k, v in ex["matrices"].items()}
+        packing = ex.get("packing", "hqq")
+        layout = layout_from_dict(ex["layout"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{where}: the experts' entry is malformed ({type(e).__name__}: {e})") from None
+    cpu_layout = stored_cpu_layout(packing)
+    if cpu_layout is not None and not layout.form:  # written before layouts had forms
+        layout = replace(layout, form=f"int4-cpu-{cpu_layout.name}")
+    if matrices != expert_matrices(cfg):
+        raise CheckpointError(f"{where}: expert shapes {matrices} do not match config.json "
+                              f"({expert_matrices(cfg)})")
+    if cpu_layout is not None:
+        _, names, out_shapes = output_matrices(matrices, STACK)
+        want = kernel_layout(names, out_shapes, spec.group_size, "cpu", cpu_layout)
+    elif packing == "hqq":
+        want = expert_layout(matrices, spec)
+    else:
+        raise CheckpointError(f"{where}: expert packing {packing!r} is not one this mixtral-lite reads "
+                              f"(hqq, {', '.join(PACKINGS)})")
+    if layout != want:
+        raise CheckpointError(f"{where}: packed expert layout disagrees with its quantization settings")
+    crc = ex.get("crc32")
+    if not isinstance(crc, list) or len(crc) != cfg.num_layers or any(
+            not isinstance(r, list) or len(r) != cfg.num_experts for r in crc):
+        raise CheckpointError(f"{where}: checksums for {len(crc) if isinstance(crc, list) else 'no'} layers, "
+                              f"config has {cfg.num_layers} layers x {cfg.num_experts} experts")
+    return ExpertFormat(matrices, spec, packing, cpu_layout, layout)
+
+
+def dense_kinds(man: dict, where: Path) -> dict[str, tuple[str, QuantSpec | None]]:
+    """{dense tensor: (kind, int4 settings)} of the quantized dense tensors the manifest lists."""
+    try:
+        return {n: (t["kind"], QuantSpec.from_dict(t["spec"]) if "spec" in t else None)
+                for n, t in man["dense"]["tensors"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{where}: the dense entry is malformed ({type(e).__name__}: {e})") from None
+
+
+def rows_unavailable(matrices: dict[str, tuple[int, int]], spec: QuantSpec, cpu_layout) -> str | None:
+    """Why these experts cannot be held in the int4-rows layout the CUDA table kernels read (None: they can)."""
+    why = rows_unsupported(matrices, spec)
+    if why is None and cpu_layout is not None:
+        why = prepack_unsupported(matrices, spec, "cpu", STACK)
+    return why
+
+
 class QStore:
     """A quantized store: dense tensors like `Checkpoint`, experts for the offload engine."""
 
@@ -130,23 +203,14 @@ class QStore:
         self.path, self.fused = Path(path), fused  # fused=False: the dequantize-then-multiply reference path
         self.manifest = read_manifest(self.path)
         self.config = ModelConfig.from_dir(self.path)
-        ex = self.manifest.get("experts")
-        if self.config.is_moe != (ex is not None):
-            raise CheckpointError(f"{self.path / MANIFEST}: {'no ' if ex is None else ''}experts listed, but "
-                                  f"config.json describes a {'Mixtral' if self.config.is_moe else 'dense Mistral'}")
-        if ex is not None:
-            self.spec = QuantSpec.from_dict(ex["spec"])
-            self.matrices = {k: tuple(v) for k, v in ex["matrices"].items()}
-            self.packing = ex.get("packing", "hqq")
-            self.cpu_layout = stored_cpu_layout(self.packing)  # None: hqq's layout
-            self.layout = layout_from_dict(ex["layout"])
-            if self.cpu_layout is not None and not self.layout.form:  # written before layouts had forms
-                self.layout = replace(self.layout, form=f"int4-cpu-{self.cpu_layout.name}")
-            self._check_experts(ex)
-        dense = self.manifest["dense"]
-        self.quantized: dict[str, str] = {n: t["kind"] for n, t in dense["tensors"].items()}
-        self._dense_specs = {n: QuantSpec.from_dict(t["spec"]) for n, t in dense["tensors"].items() if "spec" in t}
-        self._dense_crc = dense["crc32"]
+        fmt = expert_format(self.manifest, self.config, self.path / MANIFEST)
+        if fmt is not None:
+            self.spec, self.matrices, self.packing = fmt.spec, fmt.matrices, fmt.packing
+            self.cpu_layout, self.layout = fmt.cpu_layout, fmt.layout  # cpu_layout None: hqq's layout
+        kinds = dense_kinds(self.manifest, self.path / MANIFEST)
+        self.quantized: dict[str, str] = {n: k for n, (k, _) in kinds.items()}
+        self._dense_specs = {n: spec for n, (_, spec) in kinds.items() if spec is not None}
+        self._dense_crc = self.manifest["dense"].get("crc32", {})
         self._verified: set[str] = set()
         for f in [self.path / DENSE, *self.expert_files()]:
             if not f.is_file():
@@ -154,29 +218,10 @@ class QStore:
         try:
             self._dense = safe_open(str(self.path / DENSE), framework="pt", device="cpu")
         except Exception as e:  # safetensors has its own error types for corrupt files
-            raise CheckpointError(f"{self.path / DENSE}: not a readable safetensors file ({e})") from None
+            why = header_problem(self.path / DENSE) or str(e).strip().splitlines()[0]
+            raise CheckpointError(f"{self.path / DENSE}: not a readable safetensors file ({why})") from None
         self._expected = {n: s for n, s in expected_shapes(self.config).items() if ".experts." not in n}
         self._check_dense()
-
-    def _check_experts(self, ex: dict) -> None:
-        where = self.path / MANIFEST
-        if self.matrices != expert_matrices(self.config):
-            raise CheckpointError(f"{where}: expert shapes {self.matrices} do not match config.json "
-                                  f"({expert_matrices(self.config)})")
-        if self.cpu_layout is not None:
-            _, names, out_shapes = output_matrices(self.matrices, STACK)
-            want = kernel_layout(names, out_shapes, self.spec.group_size, "cpu", self.cpu_layout)
-        elif self.packing == "hqq":
-            want = expert_layout(self.matrices, self.spec)
-        else:
-            raise CheckpointError(f"{where}: expert packing {self.packing!r} is not one this mixtral-lite reads "
-                                  f"(hqq, {', '.join(PACKINGS)})")
-        if self.layout != want:
-            raise CheckpointError(f"{where}: packed expert layout disagrees with its quantization settings")
-        crc = ex["crc32"]
-        if len(crc) != self.config.num_layers or any(len(r) != self.config.num_experts for r in crc):
-            raise CheckpointError(f"{where}: checksums for {len(crc)} layers, config has "
-                                  f"{self.config.num_layers} layers x {self.config.num_experts} experts")
 
     def _check_dense(self) -> None:
         keys = set(self._dense.keys())
@@ -228,19 +273,10 @@ class QStore:
         """A quantized dense tensor's packed bytes (CPU) and its int4 settings (None for int8)."""
         return self._read(name), self._dense_specs.get(name)
 
-    def dense_device_bytes(self, dtype: torch.dtype) -> int:
-        """Device bytes of the dense weights once loaded: plain ones in dtype, quantized ones in the fused
-        kernels' layouts (int4: half a byte a weight + bf16 scale and zero per group; int8: a byte + a scale)."""
-        total = 0
-        for name, shape in self._expected.items():
-            kind, n = self.quantized.get(name), torch.Size(shape).numel()
-            if kind == "int4":
-                total += n // 2 + n // self._dense_specs[name].group_size * 4
-            elif kind == "int8":
-                total += n + shape[0] * 6
-            else:
-                total += n * dtype.itemsize
-        return total
+    def dense_device_bytes(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> int:
+        """Device bytes of the dense weights once loaded on `device` (module function dense_device_bytes)."""
+        kinds = {n: (k, self._dense_specs.get(n)) for n, k in self.quantized.items()}
+        return dense_device_bytes(self.config, kinds, dtype, device, self.fused)
 
     @property
     def expert_bytes(self) -> int:
@@ -270,19 +306,17 @@ class QStore:
         once, right before the matmul (returns (w1, w2, w3)). `codec_note` says which, and why.
         A --prepack store holds the CPU kernel's layout: read as it is on the CPU, converted on CUDA."""
         kind = torch.device(device).type
-        if self.cpu_layout is not None:
-            why = prepack_unsupported(self.matrices, self.spec, device, STACK) if self.fused else \
-                "the dequantize-then-multiply path reads hqq's layout only"
-            if why:
-                raise CheckpointError(f"{self.path}: experts stored in a CPU int4 kernel's layout (--prepack) "
-                                      f"cannot run on {kind} here: {why}; re-make the store without --prepack")
+        try:
+            which, why = codec_kind(self.matrices, self.spec, self.cpu_layout, device, self.fused)
+        except CheckpointError as e:
+            raise CheckpointError(f"{self.path}: {e}") from None
+        if which == "prepacked":
             codec = PrepackedCodec(self.matrices, self.spec, device, STACK, self.cpu_layout)
             held = "read in place" if codec.in_place else f"converted per load into {codec.slot_layout.form}"
             self.codec_note = (f"fused int4 kernel on {kind}, experts stored in the {self.cpu_layout.name} CPU "
                                f"layout ({held})")
             return codec
-        why = fused_unsupported(self.matrices, self.spec, device) if self.fused else "asked for"
-        if why is None:
+        if which == "fused":
             self.codec_note = f"fused int4 kernel on {kind}"
             return FusedCodec(self.matrices, self.spec, device, stack=STACK)
         self.codec_note = f"dequantize-then-multiply ({why})"
@@ -291,9 +325,7 @@ class QStore:
     def rows_codec(self, device: torch.device | str) -> FusedCodec | PrepackedCodec | None:
         """A codec converting the stored experts into the int4-rows layout the CUDA table kernels read
         (offload/rows.py), or None when these experts cannot be held in it (`rows_note` says why)."""
-        why = rows_unsupported(self.matrices, self.spec) if self.fused else "asked for"
-        if why is None and self.cpu_layout is not None:
-            why = prepack_unsupported(self.matrices, self.spec, "cpu", STACK)
+        why = rows_unavailable(self.matrices, self.spec, self.cpu_layout) if self.fused else "asked for"
         if why:
             self.rows_note = why
             return None
@@ -306,4 +338,4 @@ def open_store(path: str | Path, fused: bool = True) -> QStore:
     return QStore(path, fused)
 
 
-__all__ = ["FORMAT", "VERSION", "QStore", "open_store", "is_quantized_store", "read_manifest"]
+__all__ = ["FORMAT", "VERSION", "DenseSettings", "QStore", "open_store", "is_quantized_store", "read_manifest"]

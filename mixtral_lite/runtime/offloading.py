@@ -86,25 +86,22 @@ def scratch_bytes(codec, host, device: torch.device) -> int:
     return n
 
 
-def build(plan: LoadPlan):
-    """The experts factory the plan asks for, or None when every expert stays resident."""
-    cfg, e = plan.config, plan.experts
-    if not cfg.is_moe:
+def build(plan: LoadPlan, placement):
+    """The experts factory for the placement the planner chose (runtime/sizing.decide), or None when every
+    expert stays resident."""
+    e = plan.experts
+    if placement.experts in ("none", "resident"):
         return None
-    k = e.per_layer
     common = {"prefetch": e.prefetch, "policy": e.cache_policy, "miss_policy": e.miss_policy,
               "cpu_threads": e.cpu_threads, "window": plan.window, "chunk": plan.chunk}
-    if (k is None or k == cfg.num_experts) and e.store is None and e.device_memory is None:
-        if k is None and plan.device.type == "cuda":  # a quantized store must not ask for all its experts
-            return make_factory(slots=None, resident_checkpoints=True, **common)
-        return None
-    return make_factory(slots=k, store=e.store or "ram", device_memory=e.device_memory, **common)
+    return make_factory(slots=placement.k, store=placement.store or "ram", device_plan=placement.budget, **common)
 
 
 def make_factory(*, slots: int | None, store: str = "ram", prefetch: bool = True, policy: str = "lru",
                  device_memory: float | None = None, window: int | None = None, chunk: int | None = None,
                  transfer=None, resident_checkpoints: bool = False,
-                 miss_policy: str | MissPolicy | None = None, cpu_threads: int | None = None):
+                 miss_policy: str | MissPolicy | None = None, cpu_threads: int | None = None,
+                 device_plan: DevicePlan | None = None):
     """factory(config, checkpoint, device, dtype) -> ExpertProvider (OffloadedExperts, or resident ones).
 
     slots None: K from device_memory (GiB) when given, else on CUDA from the free device memory
@@ -113,6 +110,7 @@ def make_factory(*, slots: int | None, store: str = "ram", prefetch: bool = True
     transfer: passed to OffloadEngine (a test's transfer over the fake CUDA backend).
     resident_checkpoints: a Hugging Face checkpoint keeps every expert resident (only stores offload).
     miss_policy: auto, copy or cpu (default auto on CUDA, copy on the CPU), or a MissPolicy (a test's script).
+    device_plan: the --device-memory plan the run's planner made (runtime/sizing.py): K is its k.
     """
     def factory(cfg: ModelConfig, ckpt, device, dtype) -> OffloadedExperts:
         device = torch.device(device)
@@ -135,8 +133,8 @@ def make_factory(*, slots: int | None, store: str = "ram", prefetch: bool = True
                 check_resident_ram(cfg, ckpt, codec, device)
                 return FusedResidentExperts(host, codec, device)
         host, codec = open_experts(cfg, ckpt, store, device, dtype)
-        budget = None
-        if slots is None and (device_memory is not None or device.type == "cuda"):
+        budget = device_plan
+        if budget is None and slots is None and (device_memory is not None or device.type == "cuda"):
             budget = _device_plan(cfg, dtype, slot_layout(codec).nbytes, scratch_bytes(codec, host, device),
                                   device, device_memory, window, chunk, ckpt)
         k = budget.k if budget else slots or cfg.num_experts
@@ -172,7 +170,8 @@ def table_engine(cfg: ModelConfig, ckpt, device: torch.device, dtype, slots: int
                  device_memory: float | None, window, chunk, policy: str, store: str, required: bool):
     """A TableEngine (offload/table.py) for a quantized store on CUDA, or None (why printed) where its
     kernels or layout are unavailable here and --miss-policy read was not asked for (then: an error)."""
-    why = triton_moe.self_check(device)
+    why = triton_moe.self_check(device) or triton_moe.shape_unsupported(cfg.hidden_size, cfg.intermediate_size,
+                                                                          ckpt.spec.group_size)
     codec = None if why else ckpt.rows_codec(device)
     if codec is None:
         why = why or getattr(ckpt, "rows_note", "")

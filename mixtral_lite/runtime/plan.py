@@ -7,7 +7,8 @@ Every front end builds it once from its flags and hands it down; nothing below r
                            one-line errors            --> OffloadEngine(host store, codec, K slots,
                            naming the flag)                 cache policy, prefetch, miss policy)
 
-`--dry-run` prints what a plan would allocate (runtime/dry_run.py) without loading anything.
+runtime/sizing.py weighs the plan's pieces and places the experts, for a run and for `--dry-run`
+(runtime/dry_run.py), which prints the same figures without loading anything.
 """
 
 from __future__ import annotations
@@ -65,16 +66,16 @@ class LoadPlan:
         check(self)
 
 
-def plan_load(args, *, show_cache_on_cpu: bool = False) -> LoadPlan:
+def plan_load(args, *, show_cache_on_cpu: bool = False, planning: bool = False) -> LoadPlan:
     """The plan from the model flags (runtime/flags.py's add_model_args, or at least -m, --device, --dtype,
     ctx_size, batch_size and the offload flags). The shipped model offloads on CUDA, and also on the CPU
-    with show_cache_on_cpu (the chat and the server)."""
+    with show_cache_on_cpu (the chat and the server). planning (--dry-run): --device cuda needs no GPU here."""
     model_dir = args.model or default_model_path()
     why = model_unreadable(model_dir)
     if why:
         raise SystemExit(f"error: -m/--model: {why}")
     config = read_config(model_dir)
-    device = pick_device(args.device)
+    device = torch.device("cuda") if planning and args.device == "cuda" else pick_device(args.device)
     dtype = pick_dtype(args.dtype, config, device)
     experts = ExpertChoice.from_args(args)
     if (args.model is None and (device.type == "cuda" or show_cache_on_cpu)

@@ -46,6 +46,8 @@ class Metrics:
         self.prefill_saved = Counter(P + "prefill_tokens_saved", "prompt tokens reused from the KV cache",
                                      registry=r)
         self.cancelled = Counter(P + "requests_cancelled", "requests whose client left before the end", registry=r)
+        self.failed = Counter(P + "requests_failed", "requests whose generation failed (answered with an error)",
+                              registry=r)
         self.decode_tps = Gauge(P + "decode_tokens_per_second", "tokens/s of the last batch, all rows", registry=r)
         self.ttft = Histogram(P + "time_to_first_token_seconds", "request start to first token", registry=r,
                               buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
@@ -60,6 +62,7 @@ class Metrics:
             self.completion_tokens.inc(len(g.tokens))
             self.prefill_saved.inc(g.cached_tokens)
             self.cancelled.inc(g.finish_reason == "cancelled")
+            self.failed.inc(g.finish_reason == "error")
             if g.t_first is not None:
                 self.ttft.observe(g.t_first - g.t_start)
         firsts = [g.t_first for g in gens if g.t_first is not None]

@@ -3,7 +3,8 @@
 The worker takes the oldest waiting requests, up to --max-batch of them, and runs them as one
 batch (on the shipped model a batch of 4 doubles total tokens/s); requests that arrive meanwhile
 wait for the next batch, in arrival order, so none is starved. A request whose client has gone
-is skipped while waiting and leaves its batch at the next token while running.
+is skipped while waiting and leaves its batch at the next token while running. A row that fails
+(Session.run) ends alone, with its error; the others in its batch go on.
 """
 
 from __future__ import annotations
@@ -62,12 +63,13 @@ class Scheduler:
 
     @property
     def queue_length(self) -> int:
-        return len(self._waiting)
+        """Requests waiting whose client is still there (a cancelled one's place is free at once)."""
+        return sum(not j.gen.cancelled.is_set() for j in list(self._waiting))
 
     def submit(self, job: Job) -> None:
         with self._wake:
             self._drop_cancelled()
-            if len(self._waiting) >= self.max_queue:
+            if len(self._waiting) >= self.max_queue:  # cancelled ones were dropped just above
                 raise QueueFull
             self._waiting.append(job)
             self._wake.notify()
@@ -84,11 +86,16 @@ class Scheduler:
                 return
             try:
                 self._run(batch)
-            except Exception:  # a bug must not kill the worker: fail the batch, keep serving
+            except Exception as e:  # a bug must not kill the worker: fail the rows still running, keep serving
                 traceback.print_exc()
                 for job in batch:
-                    job.gen.finish_reason = job.gen.finish_reason or "error"
-                    job.send(DONE)
+                    if not job.gen.done:
+                        job.gen.fail(e)
+                        job.send(DONE)
+                try:
+                    self.on_finish([j.gen for j in batch], 0.0)  # /metrics counts them as failed
+                except Exception:  # noqa: BLE001
+                    traceback.print_exc()
 
     def _next_batch(self) -> list[Job] | None:
         with self._wake:

@@ -25,6 +25,7 @@ from offload.store import Piece, RamStore
 from ..checkpoint import expected_shapes, expert_name
 from . import dense, prepacked
 from .config import expert_tensors, hf_names, model_config
+from .prepacked import SPEC
 from .reader import GGUFError, GGUFFile
 
 ROLES = ("w1", "w2", "w3")
@@ -63,6 +64,7 @@ class GGUFCheckpoint:
 
     def __init__(self, path: str | Path, fused: bool = True, device: torch.device | str = "cpu"):
         self.path, self.fused, self.device = Path(path), fused, torch.device(device)
+        self.spec = SPEC  # what the experts become: 4-bit codes in groups of 32
         self.file = GGUFFile(self.path)
         self.config = cfg = model_config(self.file)
         self._gguf = hf_names(self.file, cfg)
