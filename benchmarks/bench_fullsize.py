@@ -150,6 +150,8 @@ def run_child(job: dict, timeout: float, drop: bool) -> dict:
 
 
 def store_facts(path: str) -> dict:
+    if Path(path).is_file():  # a GGUF (mixtral_lite/gguf): its experts' bytes, and the converted-experts file
+        return gguf_facts(path)
     man = json.loads((Path(path) / "manifest.json").read_text())
     files = list(Path(path).glob("experts-*.safetensors"))
     return {"bits": man["experts"]["spec"]["bits"], "group": man["experts"]["spec"]["group_size"],
@@ -158,11 +160,27 @@ def store_facts(path: str) -> dict:
             "expert_mib_packed": man["experts"]["nbytes"] / MIB, "packing": man["experts"].get("packing", "hqq")}
 
 
+def gguf_facts(path: str) -> dict:
+    import torch
+
+    from mixtral_lite.model.gguf.checkpoint import GGUFCheckpoint
+
+    ckpt = GGUFCheckpoint(path)
+    n = ckpt.config.num_layers * ckpt.config.num_experts
+    types = sorted({t.name for layer in ckpt.types for t in layer.values()})
+    side = ckpt.prepacked[0] if ckpt.prepacked else None
+    return {"bits": 4, "group": 32, "packing": "gguf " + "/".join(types) + (" + converted file" if side else ""),
+            "expert_store_gib": (side.stat().st_size if side else n * ckpt.layout.nbytes) / GIB,
+            "gguf_gib": Path(path).stat().st_size / GIB, "dense_gib": ckpt.dense_device_bytes(torch.float32) / GIB,
+            "expert_mib_packed": ckpt.expert_bytes / MIB}
+
+
 def markdown(rows: list[dict]) -> str:
     out = ["| store | K | thr | tok/s | warm-up s | peak RSS GiB | cached GiB (end) | maj faults/tok | "
            "disk MiB/tok | slot fills MiB/tok | hit rate |", "|" + "---|" * 11]
     for r in rows:
-        prepacked = ", prepacked" if r.get("packing", "hqq") != "hqq" else ""
+        packing = r.get("packing", "hqq")
+        prepacked = "" if packing == "hqq" else f", {packing}" if packing.startswith("gguf") else ", prepacked"
         name = f"{r['bits']}-bit g{r['group']}{prepacked} ({r['expert_store_gib']:.1f} GiB)"
         if "error" in r and "tok_s" not in r:
             out.append(f"| {name} | {r['k']} | {r['threads']} | {r['error']} |" + " |" * 7)

@@ -19,6 +19,8 @@ Contract for implementations (plain here; HQQ in offload/quant.py):
   result is valid only until the next `decode` call (the engine consumes it first).
   It must not write into `views` (slots are shared cache state, never written back).
 - `decode` may return the views themselves when they already are the matrices.
+- Optional: `for_layer(layer)`, a codec for loading that layer's experts (`fill`, `convert`), where the
+  stored form differs by layer; `decode` is the same for every layer.
 - Optional, CPU only: `slot_layout` (what a slot holds, when it differs from `layout`) and
   `fill(pieces, slot_views)`, which writes one stored expert into a slot converting as it
   copies. The engine then sizes its slots by `slot_layout` and loads through `fill`; the
@@ -40,6 +42,12 @@ class ExpertCodec(Protocol):
     names: tuple[str, ...]
 
     def decode(self, views: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]: ...
+
+
+def for_layer(codec, layer: int):
+    """The codec that loads `layer`'s experts: codecs whose stored form differs by layer (GGUF files mixing
+    block types across layers, offload/ggml_codec.py) give one per layer; others serve every layer."""
+    return codec.for_layer(layer) if hasattr(codec, "for_layer") else codec
 
 
 def slot_layout(codec: ExpertCodec) -> Layout:

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from offload.cache import ExpertCache
-from offload.codec import ExpertCodec, slot_layout
+from offload.codec import ExpertCodec, for_layer, slot_layout
 from offload.host_crossing import HostCrossing
 from offload.host_experts import HostExperts
 from offload.miss_policy import MissPolicy
@@ -60,7 +60,8 @@ def load_expert(transfer, store: ExpertStore, codec: ExpertCodec, converting: bo
     pieces = store.pieces(layer, expert)
     done = lambda: store.release(layer, expert)  # noqa: E731
     if converting:
-        transfer.load_converting(pieces, key, store.pinned, codec, slot_views, store.layout, done=done)
+        transfer.load_converting(pieces, key, store.pinned, for_layer(codec, layer), slot_views, store.layout,
+                                 done=done)
     else:
         transfer.load(pieces, slot, key, store.pinned, done=done)
 

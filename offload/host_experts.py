@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from offload.codec import slot_layout
+from offload.codec import for_layer, slot_layout
 from offload.miss_policy import Costs
 from offload.packing import views
 
@@ -39,15 +39,16 @@ class HostExperts:
         if self.in_place and len(pieces) == 1 and p.offset == 0 and p.src.numel() >= self._buf.numel():
             y = self.expert_fn(x_host, *self.codec.decode(views(p.src[: self._buf.numel()], self.store.layout)))
         else:
-            self._fill(pieces)
+            self._fill(pieces, layer)
             y = self.expert_fn(x_host, *self.codec.decode(self._views))
         self.store.release(layer, expert)
         return y
 
-    def _fill(self, pieces) -> None:
+    def _fill(self, pieces, layer: int) -> None:
         """What a CPU load into a slot does: the codec's converting fill, or (slots of stored bytes) a copy."""
-        if hasattr(self.codec, "fill"):
-            self.codec.fill(pieces, self._views)
+        codec = for_layer(self.codec, layer)
+        if hasattr(codec, "fill"):
+            codec.fill(pieces, self._views)
             return
         for p in pieces:
             self._buf[p.offset : p.offset + p.src.numel()].copy_(p.src)
@@ -73,7 +74,7 @@ def calibrate(host: HostExperts, engine_codec, device_fn, dim: int, dtype: torch
     cpu = _best_of(lambda: host.run(0, 0, x))
     nbytes = host.store.layout.nbytes
     if device.type != "cuda":
-        return Costs(copy=_best_of(lambda: host._fill(host.store.pieces(0, 0))), cpu=cpu,
+        return Costs(copy=_best_of(lambda: host._fill(host.store.pieces(0, 0), 0)), cpu=cpu,
                      gpu=_best_of(lambda: host.expert_fn(x, *host.codec.decode(host._views))))
     sync = lambda: torch.cuda.synchronize(device)  # noqa: E731
     src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
@@ -98,7 +99,7 @@ def calibrate(host: HostExperts, engine_codec, device_fn, dim: int, dtype: torch
     held = slot_layout(engine_codec)
     if held != engine_codec.layout:  # the device slot holds the kernel's layout: convert once
         slot = torch.empty(held.nbytes, dtype=torch.uint8, device=device)
-        engine_codec.convert(views(dst, engine_codec.layout), views(slot, held))
+        for_layer(engine_codec, 0).convert(views(dst, engine_codec.layout), views(slot, held))
     else:
         slot = dst
     from_slot = views(slot, held)

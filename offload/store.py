@@ -101,6 +101,13 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
+def readonly_bytes(mm: mmap.mmap) -> torch.Tensor:
+    """A read-only mapping as a uint8 tensor (torch warns that it cannot be written: nothing writes to it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(mm, dtype=torch.uint8)
+
+
 class SafetensorsSource:
     """Experts read straight out of (possibly sharded) safetensors files via mmap.
 
@@ -178,10 +185,10 @@ class SafetensorsSource:
     def _map(self, i: int) -> tuple[mmap.mmap, torch.Tensor]:
         if self._maps[i] is None:
             with open(self.files[i], "rb") as f:
-                # ACCESS_COPY (MAP_PRIVATE): writable for torch.frombuffer, never written, so
-                # pages stay shared with the page cache and can be dropped at will.
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            self._maps[i] = (mm, torch.frombuffer(mm, dtype=torch.uint8))
+                # read-only and shared: nothing writes to it, and a private writable map (MAP_PRIVATE) of
+                # a file larger than RAM is refused by the kernel's overcommit check (ENOMEM)
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[i] = (mm, readonly_bytes(mm))
         return self._maps[i]
 
     def pieces(self, layer: int, expert: int) -> list[Piece]:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from offload.cache import ExpertCache
+from offload.codec import for_layer
 from offload.engine import group_by_expert, index_tensors
 from offload.hostsync import to_host
 from offload.packing import views
@@ -98,7 +99,7 @@ class TableEngine:
         for p in pieces:
             self._scratch[p.offset : p.offset + p.src.numel()].copy_(p.src)
         self.store.release(layer, e)
-        self.codec.convert(views(self._scratch, self.store.layout), views(dst, self.layout))
+        for_layer(self.codec, layer).convert(views(self._scratch, self.store.layout), views(dst, self.layout))
 
     def _host_copies(self) -> list[list[torch.Tensor]]:
         """Every expert in the rows layout in pinned host memory (converted on the device, copied back)."""

@@ -96,15 +96,9 @@ def read_text(path: Path, flag: str = "-f/--file") -> str:
 
 
 def check_model_dir(path: Path) -> None:
-    """The model folder exists, is readable and has a config.json; else one line naming it."""
-    if not path.exists():
-        raise fail(f"-m/--model: {path} does not exist")
-    if not path.is_dir():
-        if path.suffix.lower() == ".gguf":
-            raise fail(f"-m/--model: {path} is a GGUF file, which mixtral-lite does not read (yet): give a Hugging "
-                       "Face checkpoint folder or a store made by tools/quantize_experts.py")
-        raise fail(f"-m/--model: {path} is a file, not a model folder")
-    if not os.access(path, os.R_OK | os.X_OK):
-        raise fail(f"-m/--model: {path}: permission denied (the folder is not readable)")
-    if not (path / "config.json").is_file():
-        raise fail(f"-m/--model: {path} is not a model folder (no config.json)")
+    """A readable model folder with a config.json, or a GGUF file; else one line naming it."""
+    from ..model.source import model_unreadable
+
+    why = model_unreadable(path)
+    if why:
+        raise fail(f"-m/--model: {why}")

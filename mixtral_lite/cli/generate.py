@@ -166,7 +166,8 @@ def _generate(args, plan, decided, tok, ids: list[int], window: int, threads: in
 
 
 def _folder_mib(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / (1 << 20)
+    files = [path] if path.is_file() else [f for f in path.iterdir() if f.is_file()]  # a GGUF is one file
+    return sum(f.stat().st_size for f in files) / (1 << 20)
 
 
 def plan_window(args, cfg, prompt_tokens: int) -> int:

@@ -124,13 +124,13 @@ def _main(args) -> None:
     if args.ctx < 2 or not 1 <= stride <= args.ctx - 1:
         raise fail(f"need --ctx >= 2 and 1 <= --stride <= ctx - 1 (got {args.ctx}, {stride})")
     text = read_text(args.file)
-    from ..model.tokenizer import Tokenizer
+    from ..model.source import open_tokenizer
     from ..runtime.load import load
     from ..runtime.plan import plan_load
 
     args.ctx_size = args.batch_size = args.ctx  # what the plan sizes the KV cache and activations by
     plan = plan_load(args)
-    tok = Tokenizer.from_dir(plan.model_dir)
+    tok = open_tokenizer(plan.model_dir)
     ids = tok.encode(text, bos=False)[: args.max_tokens]
     if not ids:
         raise fail(f"-f/--file: {args.file} has no tokens")

@@ -1,8 +1,9 @@
 """A Transformer from a checkpoint folder: HF tensor names into our modules, the experts from a factory.
 
     build_model(path, device=, dtype=, experts=factory)
-      Checkpoint (HF safetensors) or quantized store (model/qstore.py) -> tensors, on the meta device first
-      -> dense weights in place (q, k, v stacked into one projection; quantized ones via model/qweights.py)
+      Checkpoint (HF safetensors), quantized store (model/qstore.py) or GGUF file (model/gguf) -> tensors,
+      on the meta device first -> dense weights in place (q, k, v stacked into one projection; quantized
+      ones via model/qweights.py, a GGUF's via model/gguf/dense.py)
       -> model.experts = factory(config, checkpoint, device, dtype)   (an ExpertProvider, model/experts.py)
 
 The model never chooses where its experts live: without a factory a Hugging Face checkpoint keeps
@@ -22,6 +23,8 @@ from . import qstore, qweights
 from .checkpoint import Checkpoint, check_finite, expert_name
 from .config import ModelConfig
 from .experts import ResidentExperts
+from .gguf import is_gguf
+from .gguf.checkpoint import GGUFCheckpoint
 from .transformer import Attention, Transformer
 
 
@@ -87,7 +90,7 @@ def build_model(path, *, device="cpu", dtype: torch.dtype = torch.float32, exper
     fused: quantized stores run on torch's fused kernels where they exist; False forces the
     dequantize-then-multiply path (the reference the fused one is measured against).
     """
-    ckpt = open_checkpoint(path, fused)
+    ckpt = open_checkpoint(path, fused, device)
     cfg = ckpt.config
     if cfg.is_moe and experts is None and not isinstance(ckpt, Checkpoint):
         raise ValueError(f"{ckpt.path}: a quantized store's experts run from the offload engine: pass "
@@ -108,7 +111,10 @@ def build_model(path, *, device="cpu", dtype: torch.dtype = torch.float32, exper
         module, _, attr = ours.rpartition(".")
         setattr(model.get_submodule(module), attr,
                 nn.Parameter(ckpt.get(name, dtype, device), requires_grad=False))
-    model.kernel_notes = qweights.install(model, ckpt, device, dtype) if quantized else {}
+    if hasattr(ckpt, "install"):  # a GGUF (model/gguf/dense.py): its matrices in the kernels' layouts
+        model.kernel_notes = ckpt.install(model, device, dtype)
+    else:
+        model.kernel_notes = qweights.install(model, ckpt, device, dtype) if quantized else {}
     if cfg.tie_word_embeddings and isinstance(model.lm_head, nn.Linear) and model.lm_head.weight.is_meta:
         model.lm_head.weight = model.embed.weight
     if cfg.is_moe:
@@ -122,8 +128,11 @@ def build_model(path, *, device="cpu", dtype: torch.dtype = torch.float32, exper
     return model.eval()
 
 
-def open_checkpoint(path, fused: bool = True):
-    """A Checkpoint for HF folders, the quantized store's reader for quantize_experts output."""
+def open_checkpoint(path, fused: bool = True, device="cpu"):
+    """A Checkpoint for HF folders, the quantized store's reader for quantize_experts output, a GGUF file's
+    reader (model/gguf; `device` decides where its experts come from: see GGUFCheckpoint)."""
+    if is_gguf(path):
+        return GGUFCheckpoint(path, fused, device)
     if qstore.is_quantized_store(Path(path)):
         return qstore.open_store(Path(path), fused)
     return Checkpoint(path)

@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from offload.codec import PlainCodec
+from offload.codec import PlainCodec, for_layer
 from offload.engine import group_by_expert, index_tensors
 from offload.hostsync import to_host
 from offload.kernels import ACT, Int4Mat
@@ -131,10 +131,12 @@ class FusedResidentExperts:
                     for p in store.pieces(layer, e):
                         buf[p.offset : p.offset + p.src.numel()].copy_(p.src)
                 elif device.type == "cpu":
-                    codec.fill(store.pieces(layer, e), slot)
-                else:  # the packed bytes cross once, then convert on the device
-                    packed = torch.cat([p.src for p in store.pieces(layer, e)]).to(device)
-                    codec.convert(views(packed, codec.layout), slot)
+                    for_layer(codec, layer).fill(store.pieces(layer, e), slot)
+                else:  # the packed bytes cross once, each piece at its place in the layout, then convert there
+                    packed = torch.zeros(codec.layout.nbytes, dtype=torch.uint8)
+                    for p in store.pieces(layer, e):
+                        packed[p.offset : p.offset + p.src.numel()].copy_(p.src)
+                    for_layer(codec, layer).convert(views(packed.to(device), codec.layout), slot)
                 store.release(layer, e)
                 self.buffers.append(buf)
                 row.append(codec.decode(slot))

@@ -14,18 +14,22 @@ import sys
 import torch
 
 from ..model.config import ModelConfig
+from ..model.gguf import is_gguf
 from ..model.kv_cache import kv_cache_bytes
+from ..model.source import open_tokenizer as read_tokenizer
 from ..model.tokenizer import Tokenizer
 from .budget import GIB
 from .plan import LoadPlan
 
 
 def open_tokenizer(plan: LoadPlan) -> Tokenizer:
-    """The model folder's tokenizer, checked against config.json (one-line errors naming the files)."""
+    """The model's tokenizer (tokenizer.model, or a GGUF's vocabulary), checked against its config (one-line
+    errors naming the files)."""
     cfg, model_dir = plan.config, plan.model_dir
-    tok = Tokenizer.from_dir(model_dir)
+    tok = read_tokenizer(model_dir)
     if tok.vocab_size > cfg.vocab_size:
-        raise SystemExit(f"error: {model_dir}: tokenizer.model has {tok.vocab_size} pieces but config.json's "
+        what = ("its vocabulary", "its metadata's") if is_gguf(model_dir) else ("tokenizer.model", "config.json's")
+        raise SystemExit(f"error: {model_dir}: {what[0]} has {tok.vocab_size} pieces but {what[1]} "
                          f"vocab_size is {cfg.vocab_size}")
     if tok.vocab_size < cfg.vocab_size:
         print(f"note: the model's vocab_size {cfg.vocab_size} exceeds the tokenizer's {tok.vocab_size} pieces; "

@@ -75,7 +75,8 @@ SEED = int_range(-1, (1 << 64) - 1, what="-1 (random) or between 0 and 2**64 - 1
 def add_model_args(p: argparse.ArgumentParser, shipped_offloads_on_cpu: bool = False) -> None:
     """The flags of every command that loads a model to generate with (generate, server, chat); the chat and
     the server offload the shipped model on the CPU too (runtime/plan.py), and their help says so."""
-    p.add_argument("-m", "--model", type=Path, help="checkpoint folder (default: the shipped Austen model)")
+    p.add_argument("-m", "--model", type=Path, help="checkpoint folder, quantized store or GGUF file (default: the "
+                   "shipped Austen model)")
     p.add_argument("-c", "--ctx-size", type=POSITIVE, default=4096,
                    help="KV window when the model has no sliding_window; a window shorter than the "
                         "text is an approximation (Mixtral-8x7B has no sliding window)")

@@ -6,7 +6,7 @@
     session = open_session(plan)    # chat, server: the same model in a Session (KV reuse, batching)
 
 `load_model(path, ...)` is the same load from Python without flags (README's example): every expert
-resident for a Hugging Face checkpoint, all of them cached from RAM for a quantized store, or the
+resident for a Hugging Face checkpoint, all of them cached for a quantized store or a GGUF, or the
 `experts=` factory given (offloading.make_factory).
 """
 
@@ -18,8 +18,9 @@ import torch
 
 from ..generation.session import Session
 from ..model.build import build_model
+from ..model.gguf import is_gguf
 from ..model.qstore import is_quantized_store
-from ..model.tokenizer import Tokenizer
+from ..model.source import open_tokenizer
 from ..model.transformer import Transformer
 from . import offloading, sizing
 from .dry_run import figures
@@ -39,7 +40,7 @@ def load(plan: LoadPlan, decided: tuple[sizing.Sizes, sizing.Placement] | None =
 
 def open_session(plan: LoadPlan, decided: tuple[sizing.Sizes, sizing.Placement] | None = None) -> Session:
     """load(plan) in a Session over the plan's KV window and prefill chunk."""
-    return Session(load(plan, decided), Tokenizer.from_dir(plan.model_dir), plan.window, chunk=plan.chunk)
+    return Session(load(plan, decided), open_tokenizer(plan.model_dir), plan.window, chunk=plan.chunk)
 
 
 def load_model(path, *, device="cpu", dtype: torch.dtype = torch.float32, experts=None,
@@ -52,6 +53,6 @@ def load_model(path, *, device="cpu", dtype: torch.dtype = torch.float32, expert
     fused: quantized stores run on torch's fused kernels where they exist; False forces the
     dequantize-then-multiply path (the reference the fused one is measured against).
     """
-    if experts is None and is_quantized_store(Path(path)):
+    if experts is None and (is_quantized_store(Path(path)) or is_gguf(path)):
         experts = offloading.default_factory()
     return build_model(path, device=device, dtype=dtype, experts=experts, fused=fused)

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import sys
 
+import psutil
 import torch
 
 from offload import triton_moe
 from offload.codec import PlainCodec, slot_layout
 from offload.engine import OffloadEngine
 from offload.fused import FusedCodec
+from offload.ggml_codec import GGMLCodec
 from offload.host_experts import HostExperts, calibrate
 from offload.hostsync import to_host
 from offload.miss_policy import MissPolicy
@@ -35,7 +37,7 @@ from ..model.build import resident_experts
 from ..model.checkpoint import expert_name
 from ..model.config import ModelConfig
 from ..model.experts import FusedResidentExperts, expert_function
-from .budget import DevicePlan, check_reserved, choose_slots, dense_bytes
+from .budget import GIB, DevicePlan, check_reserved, choose_slots, dense_bytes
 from .flags import READ
 from .plan import LoadPlan
 
@@ -127,7 +129,8 @@ def make_factory(*, slots: int | None, store: str = "ram", prefetch: bool = True
             # every expert cached: read each once through the mapping (no RAM copy of the store beside the
             # converted experts) and keep it in the kernel's layout, with no cache to keep
             host, codec = open_experts(cfg, ckpt, "mmap", device, dtype)
-            if isinstance(codec, (FusedCodec, PrepackedCodec)):
+            if isinstance(codec, (FusedCodec, PrepackedCodec, GGMLCodec)):
+                check_resident_ram(cfg, ckpt, codec, device)
                 return FusedResidentExperts(host, codec, device)
         host, codec = open_experts(cfg, ckpt, store, device, dtype)
         budget = device_plan
@@ -147,6 +150,20 @@ def make_factory(*, slots: int | None, store: str = "ram", prefetch: bool = True
                 print(warning, file=sys.stderr)
         return OffloadedExperts(engine, guess)
     return factory
+
+
+def check_resident_ram(cfg: ModelConfig, ckpt, codec, device: torch.device) -> None:
+    """Every expert converted into the kernel's layout in RAM at load: one line, before any is, where they
+    would not fit in the memory available (the store's own hint says how else to run it)."""
+    if device.type != "cpu" or getattr(codec, "in_place", False):
+        return
+    need = cfg.num_layers * cfg.num_experts * slot_layout(codec).nbytes
+    free = psutil.virtual_memory().available
+    if need > 0.9 * free:
+        hint = getattr(ckpt, "resident_hint", "re-make the store with quantize_experts.py --prepack (read in place)")
+        raise SystemExit(f"error: every expert converted into the int4 kernel's layout takes {need / GIB:.1f} GiB, "
+                         f"more than the {free / GIB:.1f} GiB of RAM available: {hint}, or give "
+                         "--experts-per-layer K (K slots per layer, each miss converted)")
 
 
 def table_engine(cfg: ModelConfig, ckpt, device: torch.device, dtype, slots: int | None,

@@ -20,6 +20,7 @@ import torch
 
 from .. import default_model_path
 from ..model.config import ModelConfig
+from ..model.source import model_unreadable, read_config
 from .budget import GIB, dense_bytes, runtime_bytes
 from .device import pick_device, pick_dtype
 
@@ -70,12 +71,10 @@ def plan_load(args, *, show_cache_on_cpu: bool = False, planning: bool = False) 
     ctx_size, batch_size and the offload flags). The shipped model offloads on CUDA, and also on the CPU
     with show_cache_on_cpu (the chat and the server). planning (--dry-run): --device cuda needs no GPU here."""
     model_dir = args.model or default_model_path()
-    if not (model_dir / "config.json").is_file():
-        what = ("a GGUF file, which mixtral-lite does not read (yet): give a Hugging Face checkpoint folder or a "
-                "quantized store" if model_dir.suffix.lower() == ".gguf" and model_dir.is_file() else
-                "not a model folder (no config.json)")
-        raise SystemExit(f"error: -m/--model: {model_dir} is {what}")
-    config = ModelConfig.from_dir(model_dir)
+    why = model_unreadable(model_dir)
+    if why:
+        raise SystemExit(f"error: -m/--model: {why}")
+    config = read_config(model_dir)
     device = torch.device("cuda") if planning and args.device == "cuda" else pick_device(args.device)
     dtype = pick_dtype(args.dtype, config, device)
     experts = ExpertChoice.from_args(args)

@@ -33,6 +33,7 @@ from offload.rows import scratch_bytes as rows_scratch_bytes
 
 from ..model.checkpoint import CheckpointError, expected_shapes, expert_name, shard_map
 from ..model.config import DTYPES
+from ..model.gguf import is_gguf
 from ..model.qplan import default_dense, default_spec, dense_device_bytes, dense_kind
 from ..model.qstore import (
     MANIFEST,
@@ -47,6 +48,7 @@ from ..model.qstore import (
 )
 from .budget import DevicePlan, choose_slots, dense_bytes
 from .flags import READ
+from .gguf_sizing import gguf_sizes
 from .offloading import ROLES, STACKED_ORDER, scratch_bytes
 from .plan import LoadPlan
 
@@ -63,12 +65,14 @@ class PlannedStore:
 
 @dataclass(frozen=True)
 class Sizes:
-    source: str  # "checkpoint", "store" or "planned store"
+    source: str  # "checkpoint", "store", "planned store" or "gguf"
     dense: int  # device bytes of every non-expert weight once loaded
     slot: int = 0  # one expert as a device slot (or a resident expert) holds it
     host: int = 0  # one expert in its host home: what crosses the bus per miss
     scratch: int = 0  # codec scratch and device staging beside the slots
-    codec: str = ""  # "plain", "fused", "prepacked", "dequantize" or "rows" (CUDA table kernels, offload/table.py)
+    # codec: "plain", "fused", "prepacked", "dequantize", "ggml" (a GGUF's blocks, converted at each load) or
+    # "rows" (CUDA table kernels, offload/table.py)
+    codec: str = ""
     note: str = ""
 
     @property
@@ -92,6 +96,10 @@ def sizes(plan: LoadPlan, planned: PlannedStore | None = None) -> Sizes:
     if planned is not None and is_store:
         raise SystemExit(f"error: --bits: {plan.model_dir} is already a quantized store (drop --bits)")
     probe, note = _probe(device)
+    if is_gguf(plan.model_dir):
+        if planned is not None:
+            raise SystemExit(f"error: --bits: {plan.model_dir} is a GGUF file, already quantized (drop --bits)")
+        return Sizes(**gguf_sizes(plan, probe, note))
     if plan.experts.miss_policy == READ and not (device.type == "cuda" and (is_store or planned) and cfg.is_moe):
         raise SystemExit("error: --miss-policy read: needs --device cuda and a quantized store "
                          "(tools/quantize_experts.py)")
@@ -237,7 +245,7 @@ def place(plan: LoadPlan, sz: Sizes) -> Placement:
         k = budget.k
     if sz.codec == "rows":  # no host copies when every expert has its slot
         return Placement("table", k, home if k is None or k < n else None, budget)
-    cacheable = sz.store and sz.codec in ("fused", "prepacked")
+    cacheable = sz.store and sz.codec in ("fused", "prepacked", "ggml")
     if not sz.store and k in (None, n) and e.store is None and budget is None:
         return Placement("resident", n)
     if cacheable and (k == n or (k is None and not cuda)):
