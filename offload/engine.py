@@ -33,6 +33,7 @@ from offload.cache import ExpertCache
 from offload.codec import ExpertCodec, for_layer, slot_layout
 from offload.host_crossing import HostCrossing
 from offload.host_experts import HostExperts
+from offload.kernels import cast
 from offload.miss_policy import MissPolicy
 from offload.packing import views
 from offload.prefetch import Prefetcher
@@ -50,6 +51,14 @@ def group_by_expert(ids_host: list[list[int]]) -> dict[int, tuple[list[int], lis
             tok.append(t)
             choice.append(a)
     return groups
+
+
+def expert_input(x: torch.Tensor, fn) -> torch.Tensor:
+    """A decoding token's x as the experts of its step take it, cast once for all of them: in fn's `act` (the
+    dtype its kernels take; see mixtral_lite/model/experts.swiglu_fused) when x is fp32, where results in `act`
+    are, as factors of an fp32 product, the very numbers their cast back to fp32 would be; else x itself."""
+    act = getattr(fn, "act", None)
+    return cast(x, act) if act is not None and x.dtype == torch.float32 else x
 
 
 def load_expert(transfer, store: ExpertStore, codec: ExpertCodec, converting: bool, layer: int, expert: int,
@@ -211,6 +220,7 @@ class OffloadEngine:
         self._issue(layer, pending, pinned)
         guess = self._prefetch_when_idle(layer + 1, guess, pending)
         index = index_tensors(groups, x.device) if x.shape[0] > 1 else None
+        xe = expert_input(x, self.expert_fn) if index is None else x
         host_work = None
         if on_host:  # on the host while the device computes (on the CPU device: in turn, same cores)
             if self._crossing is None:  # the CPU device: x itself
@@ -223,7 +233,7 @@ class OffloadEngine:
         for e in hits + misses:  # resident first, queued on the device while the misses are in flight
             if self.cache.slot_of(layer, e) is None:
                 self._issue(layer, pending, pinned)
-            outputs[e] = self._compute(layer, e, x, None if index is None else index[e][0])
+            outputs[e] = self._compute(layer, e, xe, None if index is None else index[e][0])
             pinned.discard(e)
             self._issue(layer, pending, pinned)
             guess = self._prefetch_when_idle(layer + 1, guess, pending)
@@ -270,9 +280,10 @@ def _accumulate(x: torch.Tensor, groups: dict, index: dict | None, outputs: dict
     """
     out = torch.zeros_like(x)
     if index is None:  # decode, one token: experts in choice order (= first use)
+        w = weights.split(1, dim=1)  # [1, 1] each
         for e, (_, choice) in groups.items():
-            out += (weights[:, choice[0] : choice[0] + 1] * outputs[e]).to(x.dtype)
+            out += cast(w[choice[0]] * outputs[e], x.dtype)
         return out
     for e, (tok_idx, choice_idx) in index.items():
-        out.index_add_(0, tok_idx, (weights[tok_idx, choice_idx].unsqueeze(1) * outputs[e]).to(x.dtype))
+        out.index_add_(0, tok_idx, cast(weights[tok_idx, choice_idx].unsqueeze(1) * outputs[e], x.dtype))
     return out

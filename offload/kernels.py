@@ -46,6 +46,12 @@ ACT = torch.bfloat16  # activation dtype of the fused kernels
 Spec = tuple[str, torch.dtype, tuple]
 
 
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype: t itself when it already is, without the op that `t.to(dtype)` dispatches even then
+    (a decoding step makes hundreds of these; benchmarks/bench_cpu_step.py counts them)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _cuda_tiles(k: int) -> int:
     """inner_k_tiles of torch's CUDA int4 layout: the largest of 8, 4, 2 with K % (16 * tiles) == 0."""
     return next(t for t in (8, 4, 2) if k % (16 * t) == 0)
@@ -195,7 +201,8 @@ class Int4Mat:
         # x [M, K] bf16 -> [M, N] bf16
         if x.device.type == "cuda":
             return torch.ops.aten._weight_int4pack_mm(x, self.w, self.group, self.sz)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.w.view(self.n, -1), self.group, self.sz)
+        w = self.w if self.w.dim() == 2 and self.w.shape[0] == self.n else self.w.view(self.n, -1)  # [N, K/2]
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, self.group, self.sz)
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -287,6 +294,8 @@ class QuantLinear(nn.Module):
             self.register_buffer(f"t{i}", t, persistent=False)  # counted by .buffers() for memory figures
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:  # [N, K]: a decoding step's rows, no reshaping
+            return cast(self.mat(cast(x, ACT)), x.dtype)
         y = self.mat(x.reshape(-1, x.shape[-1]).to(ACT))
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 

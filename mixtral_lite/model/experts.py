@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from offload.codec import PlainCodec, for_layer
-from offload.engine import group_by_expert, index_tensors
+from offload.engine import expert_input, group_by_expert, index_tensors
 from offload.hostsync import to_host
-from offload.kernels import ACT, Int4Mat
+from offload.kernels import ACT, Int4Mat, cast
 from offload.packing import views
 
 
@@ -41,10 +41,14 @@ def swiglu_w13(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Te
 def swiglu_fused(x: torch.Tensor, w13: Int4Mat, w2: Int4Mat) -> torch.Tensor:
     """The same expert on the fused int4 kernel, w1 and w3 stacked into one [2I, D] matrix.
 
-    The kernel takes bf16 activations: x is cast once on the way in and the result once on the way out.
+    The kernel takes bf16 activations (`act`): x is cast on the way in and the result on the way out, to x's
+    dtype; a caller running several experts on one x casts it once and passes it in bf16.
     """
-    gate, up = w13(x.to(ACT)).chunk(2, dim=-1)
-    return w2(F.silu(gate) * up).to(x.dtype)
+    gate, up = w13(cast(x, ACT)).chunk(2, dim=-1)
+    return cast(w2(F.silu(gate) * up), x.dtype)
+
+
+swiglu_fused.act = ACT  # what its kernels take: run_grouped casts a decoding token's x to it once, for every expert
 
 
 def expert_function(codec):
@@ -89,8 +93,9 @@ def run_grouped(x: torch.Tensor, ids_host: list[list[int]], weights: torch.Tenso
     """
     out = torch.zeros_like(x)
     if len(ids_host) == 1:  # decode: one token, no gather/scatter
-        for a, e in enumerate(ids_host[0]):
-            out += (weights[:, a : a + 1] * fn(x, *get_expert(e))).to(x.dtype)
+        xa = expert_input(x, fn)
+        for w, e in zip(weights.split(1, dim=1), ids_host[0], strict=True):  # w [1, 1]: the choice's weight
+            out += cast(w * fn(xa, *get_expert(e)), x.dtype)
         return out
     groups = group_by_expert(ids_host)
     index = index_tensors(groups, x.device)  # one pinned async copy for every expert: no host sync
@@ -169,11 +174,12 @@ class ResidentExperts:
     def __init__(self, w13: list[torch.Tensor], w2: list[torch.Tensor]):
         self.w13, self.w2 = w13, w2
         self.inter = w2[0].shape[-1] if w2 else 0
+        # each expert's (w13, w2) views, made once: a step indexes no tensor to find its experts
+        self.mats = [list(zip(a.unbind(0), b.unbind(0), strict=True)) for a, b in zip(w13, w2, strict=True)]
 
     def stats(self) -> dict:
         return {"device_expert_bytes": sum(t.numel() * t.element_size() for t in (*self.w13, *self.w2))}
 
     def run(self, layer, x, ids, weights, next_guess=None):
-        w13, w2 = self.w13[layer], self.w2[layer]
         ids_host = to_host(ids)  # the layer's single host sync
-        return run_grouped(x, ids_host, weights, lambda e: (w13[e], w2[e]), swiglu_w13)
+        return run_grouped(x, ids_host, weights, self.mats[layer].__getitem__, swiglu_w13)

@@ -141,6 +141,17 @@ class RollingKVCache:
         self.v[layer].index_copy_(2, slots, v[:, :, -keep:])
         return keys, values
 
+    def decode_views(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """After begin(1) of a decoding step: per layer (key slot, value slot [B, Hkv, 1, Dh], keys, values
+        [B, Hkv, S, Dh]), views made once for every layer. Writing the new token's key and value into the
+        slots, then attending over keys and values, is what attend() does for that layer."""
+        if not self._decode:
+            raise RuntimeError("decode_views needs a decoding step: begin(1) after the prompt")
+        slot, n = self._slot, self._n
+        keys, values = (self.k, self.v) if n == self.window else (self.k.narrow(3, 0, n), self.v.narrow(3, 0, n))
+        return list(zip(self.k.narrow(3, slot, 1).unbind(0), self.v.narrow(3, slot, 1).unbind(0),
+                        keys.unbind(0), values.unbind(0), strict=True))
+
     def end(self) -> None:
         """Finish the step begun by begin(), after every layer has called attend()."""
         if self._decode:

@@ -131,10 +131,11 @@ class DecodeGraph:
 
 def decode_step(model: Transformer, cache: RollingKVCache, tokens: torch.Tensor) -> torch.Tensor:
     """One decoding step, tokens [B, 1] -> logits [B, 1, V]: a CUDA graph replay where the model allows it
-    (`model.cuda_graphs`, default on; `static_unsupported` says why not), else the eager step."""
+    (`model.cuda_graphs`, default on; `static_unsupported` says why not), else the eager step
+    (Transformer.decode: forward's values in fewer ops)."""
     graph = getattr(cache, "decode_graph", None)
     if graph is None and getattr(model, "cuda_graphs", True) and static_unsupported(model, cache) is None:
         graph = cache.decode_graph = DecodeGraph(model, cache)
     if graph is not None and graph.usable():
         return graph(tokens)[:, None]
-    return model(tokens, cache)
+    return model.decode(tokens, cache)

@@ -1,5 +1,11 @@
 """Mixtral / Mistral in plain PyTorch: RMSNorm, RoPE, GQA attention, MoE block, Transformer.
 
+Two ways through the same modules: `forward` (any tokens: prefill chunks, and the reference for
+everything) and `decode` (one token per row, what generation runs for every step after the prompt):
+the same ops on the same values, bit for bit, with the glue trimmed: activations stay [B, D], the
+KV cache's per-layer views are made once a step, no-op casts and reshapes are not dispatched.
+benchmarks/bench_cpu_step.py counts the aten ops of both.
+
 Shape legend: B = batch, T = new tokens, S = attended keys, D = hidden, H = heads,
 Hkv = kv heads, Dh = head dim, E = experts, A = experts per token, V = vocab.
 """
@@ -13,6 +19,8 @@ from torch import nn
 from .compat import require_torch
 
 require_torch()  # before anything below can fail on an old torch with a less helpful error
+
+from offload.kernels import cast  # noqa: E402
 
 from .config import ModelConfig  # noqa: E402
 from .experts import ExpertProvider  # noqa: E402
@@ -96,6 +104,20 @@ class Attention(nn.Module):
                                              enable_gqa=h != hkv)  # [B, H, T, Dh]
         return self.o_proj.forward(out.transpose(1, 2).reshape(B, T, h * self.dh))
 
+    def decode(self, x, kv, rope, mask):
+        """forward for one token per row: x [B, D] -> [B, D]; kv: this layer's views from the cache's
+        `decode_views` (slots for the new key and value, the keys and values to attend over)."""
+        B = x.shape[0]
+        h, hkv = self.h, self.hkv
+        qkv = self.qkv_proj.forward(x).view(B, h + 2 * hkv, 1, self.dh)  # heads first: one position each
+        qk, v = qkv.split((h + hkv, hkv), dim=1)
+        q, k = rotate(qk, *rope).split((h, hkv), dim=1)  # [B, H, 1, Dh], [B, Hkv, 1, Dh]
+        k_slot, v_slot, keys, values = kv
+        k_slot.copy_(k)
+        v_slot.copy_(v)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=h != hkv)  # [B, H, 1, Dh]
+        return self.o_proj.forward(out.view(B, h * self.dh))
+
 
 class MLP(nn.Module):
     """Mistral's dense SwiGLU MLP."""
@@ -120,7 +142,7 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # x [N, D] -> weights [N, A] fp32, ids [N, A]; softmax and renormalisation in fp32
-        probs = F.softmax(F.linear(x, self.router.weight).float(), dim=-1)
+        probs = F.softmax(cast(F.linear(x, self.router.weight), torch.float32), dim=-1)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         return weights / weights.sum(dim=-1, keepdim=True), ids
 
@@ -151,6 +173,19 @@ class Block(nn.Module):
             guess = torch.topk(next_block.moe.router(next_block.post_attention_norm(h)).reshape(B * T, -1),
                                self.moe.top_k, dim=-1).indices
         return h + experts.run(self.index, flat, ids, weights, guess).view(B, T, D)
+
+    def decode(self, h, kv, rope, mask, experts: ExpertProvider | None, next_block: Block | None):
+        """forward for one token per row, h [B, D] (see Transformer.decode)."""
+        h = h + self.attn.decode(self.input_norm.forward(h), kv, rope, mask)
+        x = self.post_attention_norm.forward(h)
+        if self.mlp is not None:
+            return h + self.mlp.forward(x)
+        weights, ids = self.moe.route(x)
+        guess = None
+        if next_block is not None and experts.wants_guess:
+            guess = torch.topk(next_block.moe.router.forward(next_block.post_attention_norm.forward(h)),
+                               self.moe.top_k, dim=-1).indices
+        return h + experts.run(self.index, x, ids, weights, guess)
 
 
 class Transformer(nn.Module):
@@ -194,3 +229,22 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1:]
         return self.lm_head(self.norm(h))
+
+    def decode(self, tokens: torch.Tensor, cache: RollingKVCache) -> torch.Tensor:
+        """One decoding step, tokens [B, 1] -> logits [B, 1, V]: bitwise what forward(tokens, cache) computes,
+        in fewer ops (see the module docstring). A cache with nothing in it yet takes forward (a prompt)."""
+        if tokens.shape[1] != 1 or cache.index == 0 or self.rotary is None:
+            return self.forward(tokens, cache)
+        if tokens.device != cache.k.device:  # host ids are accepted too
+            tokens = tokens.to(cache.k.device, non_blocking=True)
+        h = self.embed(tokens[:, 0])  # [B, D]
+        if cache.padded:  # rows at different positions: cos, sin [B, 1, 1, Dh]
+            rope = self.rotary.cos_sin(cache.positions(1), h.dtype)
+        else:  # [1, 1, 1, Dh]
+            rope = self.rotary.at(cache.index, h.dtype)
+        mask = cache.begin(1)
+        blocks = list(self.layers)
+        for block, nxt, kv in zip(blocks, blocks[1:] + [None], cache.decode_views(), strict=True):
+            h = block.decode(h, kv, rope, mask, self.experts, nxt)
+        cache.end()
+        return self.lm_head(self.norm(h))[:, None]  # called as forward calls them: their hooks run
