@@ -197,7 +197,7 @@ def test_cpu_slots_hold_the_compute_dtype():
         model = load_model(path, experts=offloading.make_factory(slots=4, store=store))
         engine = model.experts.engine
         assert {e.dtype for e in engine.store.layout.entries} == {"bfloat16"}, store
-        slot_views = engine._views[0][0]
+        slot_views = engine._views[0]
         mats = engine.codec.decode(slot_views)
         assert all(m.dtype == torch.float32 for m in mats)
         assert engine.codec.names == ("w13", "w2")  # w1 and w3 back to back: one product per decoding token

@@ -62,8 +62,8 @@ def engine(path, slots: int) -> TableEngine:
     codec = FusedCodec(s.matrices, s.spec, "cpu", STACK, rows=True)
     moe = EmulatedMoE(codec)
     eng = TableEngine(s.expert_store("ram"), codec, slots, "cpu", top_k=2, moe=moe)
+    moe.register(*eng.cache.buffers())
     for layer in range(eng.layers):
-        moe.register(*(eng.cache.buffer(layer, k) for k in range(eng.cache.slots)))
         if eng.host is not None:
             moe.register(*eng.host[layer])
     return eng
@@ -90,7 +90,7 @@ def decode(eng: TableEngine, steps: list[torch.Tensor], x: torch.Tensor) -> list
 
 def _where(eng: TableEngine, layer: int, e: int) -> str:
     addr = int(eng.table[layer * eng.num_experts + e])
-    slots = {eng.cache.buffer(layer, k).data_ptr(): k for k in range(eng.cache.slots)}
+    slots = {b.data_ptr(): k for k, b in enumerate(eng.cache.buffers())}
     return f"slot {slots[addr]}" if addr in slots else "host"
 
 
