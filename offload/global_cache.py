@@ -1,19 +1,26 @@
 """One slot pool for every layer: N device slots, any of which may hold any (layer, expert).
 
 Same calls as offload/cache.py's per-layer ExpertCache (see its docstring), so both engines take
-either. One eviction policy (offload/policy.py) sees every layer's accesses, keyed layer * E + expert,
-so a global LRU evicts the expert whose last use is oldest across all layers: a layer whose routing
-wanders gets more slots than one that keeps to a few experts, and a budget between K and K + 1 slots
-per layer leaves at most one slot's bytes idle instead of up to a layer's worth.
+either. One eviction policy (offload/policy.py) sees every layer's accesses, keyed layer * E + expert.
+Each layer keeps a quota of Q = N // L slots no other layer may take; the other N - L x Q slots float.
+A load into layer l evicts the policy's choice among l's own unpinned experts and those of layers
+holding more than Q. So at N = L x K the pool is the per-layer cache exactly (same victims, same hits:
+tests/test_global_cache.py), and a budget between K and K + 1 slots per layer leaves at most one slot's
+bytes idle: the spare slots go to whichever layers use them.
+
+Why a quota: an unrestricted global LRU (or LFU) at equal bytes lost to per-layer caches on every
+shipped trace (gsm8k decode, K = 4 slots a layer: per-layer LRU 0.597, global LRU 0.532; K = 3: 0.471
+vs 0.350; benchmarks/replay_pool.py): every layer is used once per token, so recency across layers
+says little, and one wandering layer drains the slots that sticky layers hit with.
 
 Policies: lru and lfu (their state is per key, so one instance serves every layer); markov predicts one
 layer's next step from its previous one, which a shared instance cannot, so it is refused here.
 
-Worked example, 2 layers, 3 slots, LRU, one token = layer 0 then layer 1:
-    token 0: L0 uses 0, 1; L1 uses 5         -> (0,0) (0,1) (1,5): the pool is full
-    token 1: L0 uses 0, 2 -> (0,2) evicts (0,1): the oldest use outside the step's pinned {(0,0), (0,2)}
-             L1 uses 5, 6 -> (1,6) evicts (0,0): older than (0,2), and (1,5) is pinned
-(tests/test_global_cache.py replays it). Layer 1 now holds 2 slots, layer 0 one.
+Worked example, 2 layers, 5 slots (quota 2, one floating), LRU, one token = layer 0 then layer 1:
+    token 0: L0 uses 0, 1; L1 uses 5, 6    -> 4 slots taken, 1 free
+    token 1: L0 uses 2, 3 -> (0,2) takes the free slot; (0,3) evicts (0,0): L1 holds only its quota
+             L1 uses 5, 7 -> (1,7) evicts (0,1): L0 holds 3 > 2, and (0,1) is older than (1,6)
+(tests/test_global_cache.py replays it).
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ class GlobalCache:
         self.allocated_bytes = self.pool.numel()
         self._slot_of: list[dict[int, int]] = [{} for _ in range(num_layers)]  # per layer: expert -> slot key
         self._free = list(range(slots - 1, -1, -1))
+        self.quota = slots // num_layers  # slots no other layer may take from a layer
         self.policy = make_policy(policy, total, slots)
         self._uses = [[0] * num_experts for _ in range(num_layers)]
 
@@ -73,21 +81,21 @@ class GlobalCache:
     def tick(self, layer: int) -> None:
         self.policy.tick()  # lru and lfu keep no per-step state
 
-    def _candidates(self, pinned: set[tuple[int, int]]) -> list[int]:
-        return [self._code(layer, e) for layer, held in enumerate(self._slot_of) for e in held
-                if (layer, e) not in pinned]
+    def _candidates(self, layer: int, pinned: set[tuple[int, int]]) -> list[int]:
+        """The loading layer's own unpinned experts, and those of layers holding more than the quota."""
+        return [self._code(lay, e) for lay, held in enumerate(self._slot_of)
+                if lay == layer or len(held) > self.quota for e in held if (lay, e) not in pinned]
 
     def can_place(self, layer: int, pinned: set[tuple[int, int]]) -> bool:
-        return bool(self._free) or any((lay, e) not in pinned for lay, held in enumerate(self._slot_of)
-                                       for e in held)
+        return bool(self._free) or bool(self._candidates(layer, pinned))
 
     def victim(self, layer: int, pinned: set[tuple[int, int]]) -> tuple[int, int] | None:
         """The (layer, expert) a load would evict now, from any layer; None when a slot is free."""
         if self._free:
             return None
-        candidates = self._candidates(pinned)
+        candidates = self._candidates(layer, pinned)
         if not candidates:
-            raise CacheFull(f"all {self.slots} pool slots hold pinned experts")
+            raise CacheFull(f"layer {layer}: the {self.slots} pool slots it may take hold pinned experts")
         code = self.policy.victim(candidates)
         if code not in candidates:
             raise RuntimeError(f"policy chose {code}, not one of the candidates")
