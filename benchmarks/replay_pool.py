@@ -5,9 +5,10 @@
 
 Both caches are offload's own classes (offload/cache.py ExpertCache with K slots per layer,
 offload/global_cache.py GlobalCache with N = layers x K + S slots, S in --spare: the slots a budget
-between K and K + 1 per layer holds beside layers x K, which a per-layer cache leaves idle), driven in the engine's call order: per
-token, layers in order; per layer step access() for its experts, then place() each one that is not
-resident (the step's experts pinned), then tick(). A hit is a use resident before its step (no prefetch).
+between K and K + 1 per layer holds beside layers x K, which a per-layer cache leaves idle), driven in
+the engine's call order: per token, layers in order; per layer step access() for its experts, then
+place() each one that is not resident (the step's experts pinned), then tick(). A hit is a use
+resident before its step (no prefetch).
 Layers of one problem are interleaved by step index (a layer's dropped record shifts its later steps by
 one: benchmarks/routing_traces.py reports the gaps); the prompt (prefill traces) warms the cache, uncounted.
 """

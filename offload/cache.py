@@ -42,6 +42,7 @@ class ExpertCache:
             raise ValueError(f"slots per layer must be in 1..{num_experts}, got {slots}")
         self.num_layers, self.num_experts, self.slots, self.nbytes = num_layers, num_experts, slots, nbytes
         self.num_slots = num_layers * slots
+        self.quota = slots  # slots a layer always has (GlobalCache's name for it)
         self.pool = torch.empty((num_layers, slots, nbytes), dtype=torch.uint8, device=device)
         self._flat = self.pool.view(self.num_slots, nbytes)
         self.allocated_bytes = self.pool.numel()  # the pool's own allocations, all of them

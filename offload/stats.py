@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 
 def bus_figures(tokens: int, hits: int, misses: int, fresh: int, **bytes_by_kind: int) -> dict:
-    """hit_rate over every use (fresh: uses a prefetch served), and each kind of bus bytes in all and per token (keys `<kind>_bytes`,
-    `<kind>_bytes_per_token`)."""
+    """hit_rate over every use (fresh: uses a prefetch served), and each kind of bus bytes in all and per
+    token (keys `<kind>_bytes`, `<kind>_bytes_per_token`)."""
     uses = hits + misses + fresh
     out = {"expert_uses": uses, "hit_rate": hits / uses if uses else None}
     for kind, n in bytes_by_kind.items():
