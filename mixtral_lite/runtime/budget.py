@@ -82,7 +82,7 @@ class DevicePlan:
         return self.slots if self.pool == "global" else self.k
 
     def describe_slots(self) -> str:
-        if self.pool == "global":
+        if self.pool == "global" and self.slots != self.k * self.layers:  # else: the per-layer cache exactly
             return f"{self.slots} expert slots shared by every layer (at least {self.k} each)"
         return f"{self.k} experts per layer"
 
