@@ -2,8 +2,8 @@
 
 Same calls as offload/cache.py's per-layer ExpertCache (see its docstring), so both engines take
 either. One eviction policy (offload/policy.py) sees every layer's accesses, keyed layer * E + expert.
-Each layer keeps a quota of Q = N // L slots no other layer may take; the other N - L x Q slots float.
-A load into layer l evicts the policy's choice among l's own unpinned experts and those of layers
+Each layer keeps a quota of Q = N // L slots no other layer may take (free ones included); the other
+N - L x Q slots float. A load into layer l evicts the policy's choice among l's own unpinned experts and those of layers
 holding more than Q. So at N = L x K the pool is the per-layer cache exactly (same victims, same hits:
 tests/test_global_cache.py), and a budget between K and K + 1 slots per layer leaves at most one slot's
 bytes idle: the spare slots go to whichever layers use them.
@@ -86,12 +86,22 @@ class GlobalCache:
         return [self._code(lay, e) for lay, held in enumerate(self._slot_of)
                 if lay == layer or len(held) > self.quota for e in held if (lay, e) not in pinned]
 
+    def _may_take_free(self, layer: int) -> bool:
+        """A free slot is the layer's when it is under its quota, or when more slots are free than the layers
+        under quota still have a claim to (so at N = L x K no layer ever holds more than K)."""
+        if not self._free:
+            return False
+        if len(self._slot_of[layer]) < self.quota:
+            return True
+        claims = sum(max(self.quota - len(held), 0) for held in self._slot_of)
+        return len(self._free) > claims
+
     def can_place(self, layer: int, pinned: set[tuple[int, int]]) -> bool:
-        return bool(self._free) or bool(self._candidates(layer, pinned))
+        return self._may_take_free(layer) or bool(self._candidates(layer, pinned))
 
     def victim(self, layer: int, pinned: set[tuple[int, int]]) -> tuple[int, int] | None:
-        """The (layer, expert) a load would evict now, from any layer; None when a slot is free."""
-        if self._free:
+        """The (layer, expert) a load would evict now, from any layer; None when it takes a free slot."""
+        if self._may_take_free(layer):
             return None
         candidates = self._candidates(layer, pinned)
         if not candidates:
