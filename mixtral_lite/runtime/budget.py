@@ -69,7 +69,10 @@ class DevicePlan:
     layers: int
     k: int = 0  # slots per layer (global pool: each layer's quota, N // layers)
     pool: str = "layer"  # --expert-pool: "layer" (K per layer) or "global" (N shared)
-    slots: int = 0  # every slot of the pool: K x layers, or N
+    slots: int = 0  # every slot of the pool: K x layers, or N (0: K x layers)
+
+    def __post_init__(self):
+        self.slots = self.slots or self.k * self.layers
 
     def fixed(self) -> int:
         return self.dense + self.kv + self.activations + self.scratch + self.overhead
