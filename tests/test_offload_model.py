@@ -233,3 +233,13 @@ def test_cpu_slots_hold_the_compute_dtype():
         assert s["expert_bytes"] == fp32_expert // 2  # bf16 bytes move per load
         assert s["bytes_host_to_device"] == (s["expert_misses"] + s["prefetch_issued"]) * s["expert_bytes"]
         assert s["device_expert_bytes"] == 4 * cfg.num_layers * fp32_expert
+
+
+def test_expert_pool_default_follows_the_policy_and_markov_is_per_layer_only(resident):
+    path, _ = resident
+    assert plan_load(parse("-m", str(path), "--device", "cpu")).experts.expert_pool == "global"
+    assert plan_load(parse("-m", str(path), "--device", "cpu", "--cache-policy", "lfu")).experts.expert_pool == "layer"
+    with pytest.raises(SystemExit, match="--expert-pool global: takes --cache-policy lru or lfu, not markov"):
+        build(path, "--experts-per-layer", "2", "--expert-pool", "global", "--cache-policy", "markov")
+    with pytest.raises(SystemExit):
+        parse("--expert-pool", "ring")
