@@ -63,4 +63,4 @@ class OffloadStats:
             "expert_bytes": expert_bytes,
         } | bus_figures(self.tokens, self.hits, self.misses, prefetch_used,
                         demand_miss=self.copies * expert_bytes, prefetch_used=prefetch_used * expert_bytes,
-                        prefetch_wasted=wasted * expert_bytes, read_in_place=0, admitted=0)
+                        prefetch_wasted=wasted * expert_bytes)

@@ -334,8 +334,8 @@ class TableEngine:
                 "prefetch_issued": 0, "prefetch_used": 0, "prefetch_wasted": 0,
                 "prefetch_recall": None, "miss_policy": "read", "expert_pool": self.cache.kind,
                 "pool_slots": self.cache.num_slots} | bus_figures(
-                    c["tokens"], c["hits"], c["misses"], 0, demand_miss=c["bytes_demand"], prefetch_used=0,
-                    prefetch_wasted=0, read_in_place=c["bytes_read_in_place"], admitted=c["bytes_admitted"])
+                    c["tokens"], c["hits"], c["misses"], 0, demand_miss=c["bytes_demand"],
+                    read_in_place=c["bytes_read_in_place"], admitted=c["bytes_admitted"])
 
     def close(self) -> None:
         if self.copy_stream is not None:
