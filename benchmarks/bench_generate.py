@@ -144,7 +144,7 @@ def summarize(res: dict, reference: list[list[int]] | None) -> dict:
     }
     c = res.get("counters")
     if c:
-        needed = c["hits"] + c["misses"]
+        needed = c["hits"] + c.get("prefetch_used", 0) + c["misses"]  # uses a prefetch served are not hits
         row["hit_rate"] = c["hits"] / needed if needed else None
         row["prefetch_recall"] = c["recall_hits"] / c["recall_total"] if c.get("recall_total") else None
         row["bytes_per_token"] = c["bytes"] / c["tokens"] if c["tokens"] else None

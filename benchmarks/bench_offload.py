@@ -148,7 +148,7 @@ def summarize(steps: list[tuple[float, float]], d: dict) -> dict:
         "token_ms": 1e3 * statistics.median(a for a, _ in steps),
         "stall_ms": 1e3 * statistics.median(b for _, b in steps),
         "compute_ms": 1e3 * statistics.median(a - b for a, b in steps),
-        "hit_rate": d["hits"] / (d["hits"] + d["misses"]),
+        "hit_rate": d["hits"] / (d["hits"] + d["used"] + d["misses"]),  # uses a prefetch served are not hits
         "bytes_per_token": d["bytes"] / n,
         "misses_per_token": d["misses"] / n,
         "prefetch_loads_per_token": d["issued"] / n,

@@ -195,7 +195,8 @@ def budget(path: Path, gib: float, n: int) -> dict:
     free, _ = torch.cuda.mem_get_info()
     reserved = torch.cuda.memory_reserved()
     outside = (total - free) - reserved  # context, cuBLAS workspaces, anything torch does not allocate
-    out = {"device_memory_gib": gib, "k": model.experts.engine.cache.slots,
+    cache = model.experts.engine.cache
+    out = {"device_memory_gib": gib, "k": cache.quota, "pool_slots": cache.num_slots,
            "max_allocated_gib": torch.cuda.max_memory_allocated() / GIB, "reserved_gib": reserved / GIB,
            "outside_torch_gib": outside / GIB, "used_gib": (total - free) / GIB,
            "before_gib": (total - base_free - base_reserved) / GIB, "within": (total - free) <= gib * GIB}

@@ -89,7 +89,7 @@ def replay_layer(steps: list[list[int]], layer: int, k: int, warm: int, misses: 
             if victim is not None:
                 misses.value.evicted(layer, victim)
             if i >= copies - optional:
-                misses.value.admitted(layer, e, victim)
+                misses.value.admitted(layer, e, None if victim is None else (layer, victim))
         policy.tick()
     misses.value.settle()  # each replayed sequence starts with an empty cache
     return total, hits, uses

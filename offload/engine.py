@@ -9,8 +9,12 @@ matrices already in the compute dtype: `load_expert` then converts while it copi
 One step of layer l, given ids already on the host (the caller's single sync):
   1. group tokens by expert; every needed expert is pinned until it has been computed;
   2. start loads for the misses (as many as slots allow without touching pinned ones);
-  3. once every demand load is issued, start the prefetch of the guessed experts into
-     layer l+1's slots (never layer l's), so speculation never delays a needed copy;
+  3. once every demand load is issued, start the prefetch of the guessed experts for
+     layer l+1 (never evicting layer l's pinned experts), so speculation never delays a needed
+     copy; a prefetch is issued only within the step's bus budget (offload/prefetch.py: the
+     calibrated copy time against the layer's device time), only where the miss policy would
+     copy that miss rather than run it on the CPU, and only when the expert it evicts has been
+     used no more often than the guessed one;
   4. hand the misses the miss policy sends to the host to the host (offload/host_experts.py: computed
      from the host store, never admitted to the cache; on CUDA on a worker thread, from rows that
      crossed with the ids in the layer's one sync: `stage_rows`, offload/host_crossing.py), queue the
@@ -29,14 +33,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from offload.cache import ExpertCache
 from offload.codec import ExpertCodec, for_layer, slot_layout
+from offload.global_cache import make_cache
 from offload.host_crossing import HostCrossing
 from offload.host_experts import HostExperts
 from offload.kernels import cast
 from offload.miss_policy import MissPolicy
 from offload.packing import views
-from offload.prefetch import Prefetcher
+from offload.prefetch import PrefetchBudget, Prefetcher
 from offload.stats import OffloadStats
 from offload.store import ExpertStore
 from offload.transfer import Transfer, make_transfer
@@ -76,18 +80,21 @@ def load_expert(transfer, store: ExpertStore, codec: ExpertCodec, converting: bo
 
 
 class OffloadEngine:
-    """Experts of every layer served from `slots` device slots per layer; see the module docstring."""
+    """Experts of every layer served from `slots` device slots per layer (pool "layer") or `slots` shared by
+    every layer (pool "global", offload/global_cache.py); see the module docstring."""
 
     def __init__(
         self, store: ExpertStore, codec: ExpertCodec, expert_fn: Callable[..., torch.Tensor],
         slots: int, device: torch.device | str, policy: str = "lru", prefetch: bool = True,
         transfer: Callable[[int, int], Transfer] | None = None,
         miss_policy: MissPolicy | None = None, host: HostExperts | None = None, host_thread: bool | None = None,
+        pool: str = "layer", prefetch_budget: PrefetchBudget | None = None,
     ):
         """transfer: (num_slots, nbytes) -> Transfer, instead of make_transfer's choice for `device`.
         miss_policy: how many of a layer's misses to copy (default: all); the others run on `host`
         (default on the CPU device: the engine's own codec and expert function); host_thread: run them on
-        a worker thread while this one queues the device's work (default: on CUDA only)."""
+        a worker thread while this one queues the device's work (default: on CUDA only).
+        prefetch_budget: the bus time a prefetch may use per layer step (None: uncapped, e.g. on the CPU)."""
         if codec.layout != store.layout:
             raise ValueError("the codec's layout differs from the store's packed layout")
         self.store, self.codec, self.expert_fn, self.prefetch = store, codec, expert_fn, prefetch
@@ -96,14 +103,15 @@ class OffloadEngine:
         self._converting = held != store.layout
         if self._converting and torch.device(device).type != "cpu" and not hasattr(codec, "convert"):
             raise ValueError("this codec converts at load only on the CPU; on a GPU its slots hold the stored bytes")
-        self.cache = ExpertCache(self.layers, self.num_experts, slots, held.nbytes, device, policy)
+        self.cache = make_cache(pool, self.layers, self.num_experts, slots, held.nbytes, device, policy)
         make = transfer or (lambda n, nbytes: make_transfer(device, n, nbytes))
-        self.transfer = make(self.layers * slots, store.layout.nbytes)
+        self.transfer = make(self.cache.num_slots, store.layout.nbytes)
         self.transfer.adopt(self.cache.pool)  # the pool outlives no copy still landing in it
-        # views of every slot, built once: decoding a slot allocates nothing
-        self._views = [[views(self.cache.buffer(layer, s), held) for s in range(slots)]
-                       for layer in range(self.layers)]
+        # views of every slot (by slot key), built once: decoding a slot allocates nothing
+        self._views = [views(b, held) for b in self.cache.buffers()]
         self.prefetcher = Prefetcher(self.layers)
+        self.budget = prefetch_budget
+        self._step = (0, 0)  # this layer step's (hits, demand copies): what the prefetch budget is sized from
         self.counters = OffloadStats()
         self.miss_policy = miss_policy or MissPolicy("copy")
         if host is None and self.miss_policy.mode != "copy":
@@ -120,47 +128,56 @@ class OffloadEngine:
         self._staged: torch.Tensor | None = None
         self._optional: set[int] = set()  # this step's misses copied for their later value
 
-    def _load(self, layer: int, expert: int, pinned: set[int]) -> None:
-        slot, evicted = self.cache.place(layer, expert, pinned)
+    def _load(self, layer: int, expert: int, pinned: set[tuple[int, int]]) -> None:
+        key, evicted = self.cache.place(layer, expert, pinned)
         value = self.miss_policy.value
         if evicted is not None:
-            self.prefetcher.evicted(layer, evicted)
-            value.evicted(layer, evicted)
+            self.prefetcher.evicted(*evicted)
+            value.evicted(*evicted)
         if expert in self._optional:
             value.admitted(layer, expert, evicted)
         load_expert(self.transfer, self.store, self.codec, self._converting, layer, expert,
-                    self.cache.buffer(layer, slot), self._views[layer][slot], self.cache.key(layer, slot))
+                    self.cache.buffer(key), self._views[key], key)
         self.counters.loads[(layer, expert)] += 1
 
-    def _issue(self, layer: int, pending: deque[int], pinned: set[int]) -> None:
+    def _issue(self, layer: int, pending: deque[int], pinned: set[tuple[int, int]]) -> None:
         while pending and self.cache.can_place(layer, pinned):
             self._load(layer, pending.popleft(), pinned)
 
-    def _prefetch(self, layer: int, guess_rows: list[list[int]]) -> None:
-        want = self.prefetcher.plan(layer, guess_rows, self.cache.slots)
+    def _prefetch(self, layer: int, guess_rows: list[list[int]], pinned: set[tuple[int, int]]) -> None:
+        """Load guessed experts for `layer` (the next one) within the step's budget; `pinned`: the running
+        layer's experts, which no guess may evict."""
+        want = self.prefetcher.plan(layer, guess_rows, min(self.cache.slots, self.num_experts))
+        resident = [e for e in want if self.cache.slot_of(layer, e) is not None]
+        absent = [e for e in want if self.cache.slot_of(layer, e) is None]
+        # a guess the miss policy would run on the CPU is not worth the bus (none under cpu)
+        absent = absent[: self.miss_policy.would_copy(len(resident), len(absent))]
+        n = len(absent) if self.budget is None else min(len(absent), self.budget.experts(*self._step))
         # a guess never evicts another guess of the same step, nor, while guessing has been
         # worse than repetition, what the layer used at its previous step
-        keep = set(want) | self.prefetcher.protected(layer)
-        for e in want:
-            if self.cache.slot_of(layer, e) is not None:
-                continue
+        keep = pinned | {(layer, e) for e in set(want) | self.prefetcher.protected(layer)}
+        for e in absent[:n]:
             if not self.cache.can_place(layer, keep):
                 break
+            victim = self.cache.victim(layer, keep)
+            if not self.prefetcher.worth(self.cache.uses(layer, e), victim and self.cache.uses(*victim)):
+                self.prefetcher.refused += 1
+                continue
             self._load(layer, e, keep)
             self.prefetcher.loaded(layer, e)
 
-    def _prefetch_when_idle(self, layer: int, guess: list[list[int]] | None, pending: deque[int]):
+    def _prefetch_when_idle(self, layer: int, guess: list[list[int]] | None, pending: deque[int],
+                            pinned: set[tuple[int, int]]):
         """Start the prefetch once no demand load is left to issue; returns the guess still due."""
         if guess is None or pending:
             return guess
-        self._prefetch(layer, guess)
+        self._prefetch(layer, guess, pinned)
         return None
 
     def _compute(self, layer: int, expert: int, x: torch.Tensor, tok_idx: torch.Tensor | None) -> torch.Tensor:
-        slot = self.cache.slot_of(layer, expert)
-        key = self.cache.key(layer, slot)
+        key = self.cache.slot_of(layer, expert)
         self.transfer.wait(key)
-        mats = self.codec.decode(self._views[layer][slot])
+        mats = self.codec.decode(self._views[key])
         y = self.expert_fn(x if tok_idx is None else x[tok_idx], *mats)
         self.transfer.release(key)
         return y
@@ -193,7 +210,7 @@ class OffloadEngine:
         """(misses to copy, misses to run on the host), by the miss policy."""
         n, optional = self.miss_policy.plan(len(hits), len(misses), rows) if self.host is not None else (len(misses), 0)
         self._optional = set(misses[n - optional : n])
-        self.counters.hits += len(hits)
+        self._step = (len(hits), n)
         self.counters.misses += len(misses)
         self.counters.copies += n
         return misses[:n], misses[n:]
@@ -206,19 +223,21 @@ class OffloadEngine:
         staged, self._staged = self._staged, None  # this call's rows only (stage_rows)
         groups = group_by_expert(ids_host)
         needed = list(groups)
+        fresh = self.prefetcher.fresh(layer) & set(needed)  # in a slot because a prefetch brought it this token
         self.prefetcher.observe(layer, set(needed))
         self.miss_policy.value.used(layer, set(needed))
         hits = [e for e in needed if self.cache.slot_of(layer, e) is not None]
+        self.counters.hits += len(hits) - len(fresh)  # a use served with no transfer for it this token
         misses, on_host = self._split(hits, [e for e in needed if self.cache.slot_of(layer, e) is None], x.shape[0])
         if layer == 0:
             self.counters.tokens += x.shape[0]
         for e in needed:
             self.cache.access(layer, e)
-        pinned, pending = set(needed), deque(misses)
+        pinned, pending = {(layer, e) for e in needed}, deque(misses)
         # speculative loads queue behind every demand load of this step (one copy stream, FIFO)
         guess = guess_host if self.prefetch and layer + 1 < self.layers else None
         self._issue(layer, pending, pinned)
-        guess = self._prefetch_when_idle(layer + 1, guess, pending)
+        guess = self._prefetch_when_idle(layer + 1, guess, pending, pinned)
         index = index_tensors(groups, x.device) if x.shape[0] > 1 else None
         xe = expert_input(x, self.expert_fn) if index is None else x
         host_work = None
@@ -234,9 +253,9 @@ class OffloadEngine:
             if self.cache.slot_of(layer, e) is None:
                 self._issue(layer, pending, pinned)
             outputs[e] = self._compute(layer, e, xe, None if index is None else index[e][0])
-            pinned.discard(e)
+            pinned.discard((layer, e))
             self._issue(layer, pending, pinned)
-            guess = self._prefetch_when_idle(layer + 1, guess, pending)
+            guess = self._prefetch_when_idle(layer + 1, guess, pending, pinned)
         if host_work is not None:
             outputs |= self._host_results(on_host, host_work)
         self.cache.tick(layer)
@@ -255,7 +274,8 @@ class OffloadEngine:
             pool_bytes=self.cache.allocated_bytes, expert_bytes=self.store.layout.nbytes,
             prefetch_issued=p.issued, prefetch_used=p.used, prefetch_recall=p.recall(),
             host_copy_s=getattr(self.transfer, "host_copy_s", 0.0),
-        ) | {"miss_policy": self.miss_policy.mode}
+        ) | {"miss_policy": self.miss_policy.mode, "expert_pool": self.cache.kind,
+             "pool_slots": self.cache.num_slots, "prefetch_refused": p.refused}
 
 
 def index_tensors(groups: dict, device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

@@ -25,7 +25,6 @@ on the real routing traces this stays within 3% of the best fixed value on 8 des
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
 MISS_POLICIES = ("auto", "copy", "cpu")
@@ -78,36 +77,38 @@ def split(hits: int, misses: int, c: Costs, value: float = 0.0) -> int:
 
 
 class AdmissionValue:
-    """Net hits per optional admission, measured online (see the module docstring)."""
+    """Net hits per optional admission, measured online (see the module docstring). The expert an admission
+    displaced may be another layer's (one slot pool for every layer): both are (layer, expert)."""
 
     PRIOR_HITS = 2.0
 
     def __init__(self):
         self.net, self.count = self.PRIOR_HITS, 1
-        self._open: dict[int, dict[int, list]] = defaultdict(dict)  # layer -> admitted -> [displaced, net]
+        self._open: dict[tuple[int, int], list] = {}  # admitted (layer, expert) -> [displaced or None, net]
 
     def per_admission(self) -> float:
         return max(self.net, 0.0) / self.count
 
     def used(self, layer: int, experts) -> None:
         """The layer's step uses `experts` (call before this step's loads)."""
-        for expert, record in self._open[layer].items():
-            record[1] += (expert in experts) - (record[0] in experts)
+        for (lay, expert), record in self._open.items():
+            gained = lay == layer and expert in experts
+            lost = record[0] is not None and record[0][0] == layer and record[0][1] in experts
+            record[1] += gained - lost
 
-    def admitted(self, layer: int, expert: int, displaced: int | None) -> None:
-        self._open[layer][expert] = [displaced, 0]
+    def admitted(self, layer: int, expert: int, displaced: tuple[int, int] | None) -> None:
+        self._open[(layer, expert)] = [displaced, 0]
 
     def evicted(self, layer: int, expert: int) -> None:
-        record = self._open[layer].pop(expert, None)
+        record = self._open.pop((layer, expert), None)
         if record is not None:
             self.net += record[1]
             self.count += 1
 
     def settle(self) -> None:
         """Count every admission still resident (the end of a replayed sequence)."""
-        for layer, records in self._open.items():
-            for expert in list(records):
-                self.evicted(layer, expert)
+        for key in list(self._open):
+            self.evicted(*key)
 
 
 class MissPolicy:
@@ -141,6 +142,15 @@ class MissPolicy:
         now = split(hits, misses, self.costs)
         n = split(hits, misses, self.costs, self.value.per_admission() * self.costs.cpu)
         return n, max(n - now, 0)
+
+    def would_copy(self, hits: int, misses: int) -> int:
+        """How many of a decoding step's `misses` this policy would copy (no side effects): the most a prefetch
+        may load for that step, since a miss the CPU would run costs no bus time to begin with."""
+        if self.mode == "cpu":
+            return 0
+        if self.mode == "copy" or self.script is not None or misses == 0:
+            return misses
+        return split(hits, misses, self.costs, self.value.per_admission() * self.costs.cpu)
 
     def host_possible(self, rows: int) -> bool:
         """Whether a step of `rows` tokens may run a miss on the host (its rows then go to the host)."""

@@ -21,8 +21,13 @@ real Mixtral routing, 2 slots a layer) moved as many bytes in copies as in misse
 (`run`, T > 1 rows) computes eagerly from host ids (one sync per layer): resident experts from their
 slots, the others copied into a slot (admitted) first.
 
-Counters (`stats`): a hit is an expert use served from a slot without a transfer for it in that step;
-a miss was read over the bus by the kernel (`bytes_read_in_place`); `expert_copies` are admissions.
+Counters (`stats`, offload/stats.py): a hit is an expert use served from a slot without a transfer for it in
+that step; a miss was read over the bus by the kernel (`read_in_place_bytes`); `expert_copies` are admissions
+(`admitted_bytes`), and a prefill's copies of experts it needs now are demand misses (`demand_miss_bytes`).
+No prefetch: a guess would cost the bus what a miss read in place costs.
+
+The slots are a per-layer cache or one pool for every layer (offload/global_cache.py); the table keeps
+mapping (layer, expert) -> an address either way, so the kernels do not know which.
 """
 
 from __future__ import annotations
@@ -30,11 +35,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from offload.cache import ExpertCache
 from offload.codec import for_layer
 from offload.engine import group_by_expert, index_tensors
+from offload.global_cache import make_cache
 from offload.hostsync import to_host
 from offload.packing import views
+from offload.stats import bus_figures
 from offload.streams import backend_for
 from offload.triton_moe import TableMoE
 
@@ -50,24 +56,25 @@ class TableEngine:
     KERNEL_ROWS = 8  # eager steps of up to this many rows run the decoding kernels (weights read once per row)
 
     def __init__(self, store, codec, slots: int, device: torch.device | str, top_k: int, policy: str = "lru",
-                 max_rows: int = 64, moe=None, backend=None):
+                 max_rows: int = 64, moe=None, backend=None, pool: str = "layer"):
         self.store, self.codec, self.top_k = store, codec, top_k
         self.device = torch.device(device)
         self.layers, self.num_experts = L, E = store.num_layers, store.num_experts
         self.layout = codec.slot_layout
         nbytes = self.layout.nbytes
         self.cuda = backend or backend_for(self.device)
-        self.cache = ExpertCache(L, E, slots, nbytes, self.device, policy)
-        self._slot_addr = [[self.cache.buffer(layer, s).data_ptr() for s in range(slots)] for layer in range(L)]
+        self.cache = make_cache(pool, L, E, slots, nbytes, self.device, policy)
+        self._slot_addr = [b.data_ptr() for b in self.cache.buffers()]  # by slot key
         self._scratch = torch.empty(store.layout.nbytes, dtype=torch.uint8, device=self.device)  # packed staging
-        self.host = None if slots == E else self._host_copies()
+        every = self.cache.num_slots == L * E
+        self.host = None if every else self._host_copies()
         self.mirror = np.zeros(L * E, dtype=np.int64)  # what the table says, as the host last wrote it
         for layer in range(L):
             for e in range(E):
-                if slots == E:  # every expert resident: converted straight into its slot, no host copy
-                    slot, _ = self.cache.place(layer, e, set())
-                    self._convert(layer, e, self.cache.buffer(layer, slot))
-                    self.mirror[layer * E + e] = self._slot_addr[layer][slot]
+                if every:  # every expert resident: converted straight into its slot, no host copy
+                    key, _ = self.cache.place(layer, e, set())
+                    self._convert(layer, e, self.cache.buffer(key))
+                    self.mirror[layer * E + e] = self._slot_addr[key]
                 else:
                     self.mirror[layer * E + e] = self.host[layer][e].data_ptr()
         self.table = torch.tensor(self.mirror, device=self.device)
@@ -76,17 +83,18 @@ class TableEngine:
         self.max_rows = max_rows
         self.h = torch.empty(max_rows * top_k, codec.shapes["w2"][1], dtype=torch.bfloat16, device=self.device)
         self.ids_log = torch.zeros(L, max_rows, top_k, dtype=torch.long, device=self.device)
-        self._views = [[views(self.cache.buffer(layer, s), self.layout) for s in range(slots)] for layer in range(L)]
+        self._views = [views(b, self.layout) for b in self.cache.buffers()]
         self._steps: list[tuple] = []  # queued steps: (rows, ids host buffer, event, which entries were slots)
         self._ids_ring = [self._pinned(L * max_rows * top_k * 8).view(torch.long) for _ in range(self.RING)]
         self._ring_next = 0
         self._rows_staging = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=self.device)
-        self._admitting: dict[tuple[int, int], tuple[int, int, object]] = {}  # (layer, slot) -> (expert, addr, ev)
+        self._admitting: dict[int, tuple[int, int, object]] = {}  # slot key -> (layer, expert, QUEUED|COPIED|event)
         self._mirror_bufs = [self._pinned(L * E * 8) for _ in range(2)]
         self._mirror_events: list = [None, None]
         self._flip = 0
         self.copy_stream = self.cuda.Stream(self.device) if self.cuda else None
-        self.counters = {"tokens": 0, "hits": 0, "misses": 0, "copies": 0, "bytes_copied": 0, "bytes_read_in_place": 0}
+        self.counters = {"tokens": 0, "hits": 0, "misses": 0, "copies": 0, "bytes_copied": 0, "bytes_read_in_place": 0,
+                         "bytes_admitted": 0, "bytes_demand": 0}
         self.uses = [np.zeros(E, dtype=np.int64) for _ in range(L)]  # uses per expert: admissions are gated by it
 
     # -- load -----------------------------------------------------------------------------------
@@ -171,31 +179,33 @@ class TableEngine:
             for e in used:
                 self.uses[layer][e] += 1
             if self.host is not None:
-                in_flight = {e for (lay, _), (e, _) in self._admitting.items() if lay == layer}
+                in_flight = {(lay, e) for lay, e, _ in self._admitting.values()}
+                keep = {(layer, e) for e in used} | in_flight
                 for e in used:
                     if self.cache.slot_of(layer, e) is None:
-                        admits |= self._admit(layer, e, set(used) | in_flight)
+                        admits |= self._admit(layer, e, keep)
             self.cache.tick(layer)
         return admits
 
-    def _admit(self, layer: int, e: int, keep: set[int]) -> bool:
+    def _admit(self, layer: int, e: int, keep: set[tuple[int, int]]) -> bool:
         """A slot for (layer, e) when one is free, or when e has been used more often than the expert the cache
         policy would evict (a copy costs the bus as much as a miss read in place: admitting every miss made
         the copies as many as the misses, measured). The evicted expert reads from the host from the next
         upload on. Experts still being copied in are never evicted (`keep`)."""
         if not self.cache.can_place(layer, keep):
             return False
-        resident = self.cache.resident(layer)
-        if len(resident) >= self.cache.slots:  # no free slot: e must be worth more than the victim
-            victim = self.cache.policies[layer].victim([x for x in resident if x not in keep])
-            if self.uses[layer][e] <= self.uses[layer][victim]:
-                return False
-        slot, evicted = self.cache.place(layer, e, keep)
-        E = self.num_experts
+        victim = self.cache.victim(layer, keep)  # None: a free slot; in a global pool, maybe another layer's
+        if victim is not None and self.uses[layer][e] <= self.uses[victim[0]][victim[1]]:
+            return False
+        key, evicted = self.cache.place(layer, e, keep)
+        keep.add((layer, e))  # in flight from now on
         if evicted is not None:
-            self.mirror[layer * E + evicted] = self.host[layer][evicted].data_ptr()
-        self._admitting[(layer, slot)] = (e, QUEUED)  # a later admission into the slot replaces this one
+            self._to_host(*evicted)
+        self._admitting[key] = (layer, e, QUEUED)  # a later admission into the slot replaces this one
         return True
+
+    def _to_host(self, layer: int, e: int) -> None:
+        self.mirror[layer * self.num_experts + e] = self.host[layer][e].data_ptr()
 
     def _upload(self) -> None:
         """The host's table -> the device's, in stream order (double-buffered pinned source)."""
@@ -219,34 +229,35 @@ class TableEngine:
         if self.cuda:
             after = self.cuda.Event()
             after.record(compute)
-        for (layer, slot), (e, state) in list(self._admitting.items()):
+        for key, (layer, e, state) in list(self._admitting.items()):
             if state is not QUEUED:
                 continue
-            dst, src = self.cache.buffer(layer, slot), self.host[layer][e]
+            dst, src = self.cache.buffer(key), self.host[layer][e]
             entry = self.table[layer * self.num_experts + e]
             if self.cuda:
                 with self.cuda.stream(self.copy_stream):
                     self.copy_stream.wait_event(after)
                     self.cuda.copy(dst, src)
-                    entry.fill_(self._slot_addr[layer][slot])
+                    entry.fill_(self._slot_addr[key])
                     done = self.cuda.Event()
                     done.record(self.copy_stream)
             else:
                 dst.copy_(src)
-                entry.fill_(self._slot_addr[layer][slot])
+                entry.fill_(self._slot_addr[key])
                 done = COPIED
-            self._admitting[(layer, slot)] = (e, done)
+            self._admitting[key] = (layer, e, done)
             self.counters["copies"] += 1
             self.counters["bytes_copied"] += self.store.layout.nbytes
+            self.counters["bytes_admitted"] += self.store.layout.nbytes
 
     def _finish_admissions(self) -> bool:
         changed = False
-        for (layer, slot), (e, state) in list(self._admitting.items()):
+        for key, (layer, e, state) in list(self._admitting.items()):
             if state is QUEUED:
                 continue  # its copy has not been started yet
             if state is COPIED or state.query():
-                self.mirror[layer * self.num_experts + e] = self._slot_addr[layer][slot]
-                del self._admitting[(layer, slot)]
+                self.mirror[layer * self.num_experts + e] = self._slot_addr[key]
+                del self._admitting[key]
                 changed = True
         return changed
 
@@ -272,8 +283,8 @@ class TableEngine:
         out = torch.zeros_like(x)
         for e, (_tok, choice) in groups.items():
             self.cache.access(layer, e)
-            slot = self._slot_for(layer, e, set(groups))
-            src = self._views[layer][slot] if slot is not None else self._staged(layer, e)
+            slot = self._slot_for(layer, e, {(layer, g) for g in groups})
+            src = self._views[slot] if slot is not None else self._staged(layer, e)
             w13, w2 = self.codec.decode(src)
             xs = x if index is None else x[index[e][0]]
             gate, up = w13(xs.to(torch.bfloat16)).chunk(2, dim=-1)
@@ -286,40 +297,45 @@ class TableEngine:
         self.cache.tick(layer)
         return out
 
-    def _slot_for(self, layer: int, e: int, keep: set[int]) -> int | None:
-        """e's slot, admitting it now (a copy on the compute stream) when one can be had."""
-        slot = self.cache.slot_of(layer, e)
-        if slot is not None or self.host is None or not self.cache.can_place(layer, keep):
-            return slot
-        slot, evicted = self.cache.place(layer, e, keep)
-        self._admitting.pop((layer, slot), None)
-        E = self.num_experts
+    def _slot_for(self, layer: int, e: int, keep: set[tuple[int, int]]) -> int | None:
+        """e's slot key, admitting it now (a copy on the compute stream) when one can be had."""
+        key = self.cache.slot_of(layer, e)
+        if key is not None or self.host is None or not self.cache.can_place(layer, keep):
+            return key
+        key, evicted = self.cache.place(layer, e, keep)
+        self._admitting.pop(key, None)
         if evicted is not None:
-            self.mirror[layer * E + evicted] = self.host[layer][evicted].data_ptr()
-        self.cache.buffer(layer, slot).copy_(self.host[layer][e], non_blocking=True)
-        self.mirror[layer * E + e] = self._slot_addr[layer][slot]
+            self._to_host(*evicted)
+        self.cache.buffer(key).copy_(self.host[layer][e], non_blocking=True)
+        self.mirror[layer * self.num_experts + e] = self._slot_addr[key]
         self._upload()
         self.counters["copies"] += 1
         self.counters["bytes_copied"] += self.store.layout.nbytes
-        return slot
+        self.counters["bytes_demand"] += self.store.layout.nbytes
+        return key
 
     def _staged(self, layer: int, e: int) -> dict[str, torch.Tensor]:
         """A host expert copied into the device staging buffer (prefill, when no slot can be had)."""
         self._rows_staging.copy_(self.host[layer][e], non_blocking=True)
         self.counters["bytes_copied"] += self.store.layout.nbytes
+        self.counters["bytes_demand"] += self.store.layout.nbytes
         return views(self._rows_staging, self.layout)
 
     # -- report --------------------------------------------------------------------------------
     def stats(self) -> dict:
         c = self.counters
-        used, moved = c["hits"] + c["misses"], c["bytes_copied"] + c["bytes_read_in_place"]
-        return {"expert_hits": c["hits"], "expert_misses": c["misses"], "hit_rate": c["hits"] / used if used else None,
+        moved = c["bytes_copied"] + c["bytes_read_in_place"]
+        return {"expert_hits": c["hits"], "expert_misses": c["misses"],
                 "expert_copies": c["copies"], "bytes_host_to_device": moved,
                 "bytes_read_in_place": c["bytes_read_in_place"], "bytes_copied": c["bytes_copied"],
                 "bytes_per_token": moved / c["tokens"] if c["tokens"] else None,
                 "device_expert_bytes": self.cache.allocated_bytes, "expert_bytes": self.store.layout.nbytes,
                 "stall_s": 0.0,  # a step never waits for a copy: a miss is read where it is
-                "prefetch_recall": None, "miss_policy": "read"}
+                "prefetch_issued": 0, "prefetch_used": 0, "prefetch_wasted": 0,
+                "prefetch_recall": None, "miss_policy": "read", "expert_pool": self.cache.kind,
+                "pool_slots": self.cache.num_slots} | bus_figures(
+                    c["tokens"], c["hits"], c["misses"], 0, demand_miss=c["bytes_demand"],
+                    read_in_place=c["bytes_read_in_place"], admitted=c["bytes_admitted"])
 
     def close(self) -> None:
         if self.copy_stream is not None:

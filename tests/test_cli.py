@@ -124,7 +124,9 @@ def test_defaults_seed_threads_resident_on_cpu(capsys):
     assert "prompt eval:" in out.err and "weights + KV cache + expert slots" in out.err
     out = run_cli(capsys, "-p", "Emma", "-n", 3, "-t", 1, "-s", 5, "--experts-per-layer", 4)
     assert "seed: " not in out.err and "threads: " not in out.err
-    assert "experts: hit rate" in out.err and "prefetch: recall" in out.err and "MiB per token" in out.err
+    assert "experts: hit rate" in out.err and "MiB per token" in out.err
+    assert "uses served from a slot with no transfer this token" in out.err and " wasted, " in out.err
+    assert "bus per token (MiB): demand misses " in out.err
     out = run_cli(capsys, "-m", default_model_path(), "-p", "Emma", "-n", 2, "-t", 1, "--device-memory", 1)
     assert "-> 8 experts per layer" in out.err and "experts: hit rate" in out.err
 

@@ -78,7 +78,8 @@ def _measured(model) -> dict:
     if hasattr(e, "engine"):
         c = e.engine.cache
         codec = e.engine.codec
-        out |= {"experts": "offloaded", "experts_per_layer": c.slots, "expert_slot_bytes": c.nbytes,
+        out |= {"experts": "offloaded", "experts_per_layer": c.quota, "expert_slot_bytes": c.nbytes,
+                "expert_pool": c.kind, "pool_slots": c.num_slots,
                 "expert_host_bytes": e.engine.store.layout.nbytes,
                 "store": "ram" if hasattr(e.engine.store, "blocks") else "mmap",
                 "scratch_bytes": codec.scratch_bytes() if hasattr(codec, "scratch_bytes") else 0}
@@ -105,6 +106,11 @@ def test_dry_run_equals_the_run_and_what_it_allocates(sources, flags, tmp_path, 
         assert {k: dry[k] for k in got} == got, (name, argv)
         if flags == "budget for 3":
             assert dry["experts_per_layer"] == 3 or dry["experts"] in ("cached", "resident"), name
+            if dry["experts"] == "offloaded":  # 3.5 slots a layer: the global pool takes the half slots too
+                layers = dry["pool_slots"] // 3
+                assert dry["expert_pool"] == "global" and dry["pool_slots"] > 3 * layers, name
+                idle = float(argv[1]) * GIB - dry["device_total_bytes"]
+                assert 0 <= idle < dry["expert_slot_bytes"], name  # no more than one slot's bytes idle
     capsys.readouterr()
 
 
@@ -149,7 +155,15 @@ def test_plan_from_config_json_alone_for_any_device(tmp_path, capsys):
     assert plan["device_total_bytes"] <= 11 * GIB
     assert plan["pinned_bytes"] == 32 * 8 * plan["expert_slot_bytes"]  # the converted copies misses are read from
     out = capsys.readouterr().out
-    assert "planned store" in out and "2 of 8 per layer" in out
+    assert "planned store" in out and "one pool of 81 slots for every layer, at least 2 of 8 each" in out
+    # the 12 GB card: 2 slots a layer left 1.5 GiB idle; one pool takes 17 more slots, < 1 slot idle
+    assert plan["expert_pool"] == "global" and plan["pool_slots"] == 81
+    assert 11 * GIB - plan["device_total_bytes"] < plan["expert_slot_bytes"]
+    generate_main(["-m", str(cfg), "--dry-run", "--bits", "4", "--device", "cuda", "--device-memory", "11",
+                   "--expert-pool", "layer", "--stats-json", str(f)])
+    layer = json.loads(f.read_text())
+    assert (layer["pool_slots"], layer["experts_per_layer"]) == (64, 2)
+    assert "2 of 8 per layer" in capsys.readouterr().out
     generate_main(["-m", str(cfg), "--dry-run", "--bits", "4", "--device", "cuda", "--device-memory", "11",
                    "--miss-policy", "copy", "--stats-json", str(f)])
     copy = json.loads(f.read_text())

@@ -165,8 +165,8 @@ def test_table_engine_reads_a_gguf_layer_by_layer(ref, tmp_path):
         codec = ckpt.rows_codec("cpu")
         moe = EmulatedMoE(codec)
         eng = TableEngine(ckpt.expert_store("ram"), codec, slots, "cpu", top_k=2, moe=moe)
+        moe.register(*eng.cache.buffers())
         for layer in range(eng.layers):
-            moe.register(*(eng.cache.buffer(layer, k) for k in range(eng.cache.slots)))
             if eng.host is not None:
                 moe.register(*eng.host[layer])
         return eng

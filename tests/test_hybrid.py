@@ -70,7 +70,7 @@ def test_copies_by_choice_are_admitted_and_valued(ckpt):
     engine.run(0, x, [[0, 2]], w)  # a hit on the admitted expert; one miss: a copy would cost more than it is worth
     engine.run(0, x, [[3, 4]], w)  # 3 copied by choice into the free slot
     assert sorted(engine.cache.resident(0)) == [0, 3] and policy.value.count == 1
-    engine.run(0, x, [[5, 6]], w)  # 5 displaces 0 (least recent): 0's record closes at +1
+    engine.run(0, x, [[5, 1]], w)  # 5 displaces 0 (least recent): 0's record closes at +1
     assert sorted(engine.cache.resident(0)) == [3, 5]
     assert (policy.value.net, policy.value.count) == (policy.value.PRIOR_HITS + 1, 2)
     s = engine.stats()

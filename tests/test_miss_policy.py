@@ -79,7 +79,7 @@ def test_a_copy_credited_with_its_later_value_is_made_when_it_costs_less():
 def test_admission_value_counts_hits_minus_the_displaced_experts_requests():
     v = AdmissionValue()
     assert v.per_admission() == AdmissionValue.PRIOR_HITS
-    v.admitted(0, expert=5, displaced=2)
+    v.admitted(0, expert=5, displaced=(0, 2))
     v.admitted(1, expert=5, displaced=None)
     v.used(0, {5, 1})  # a hit on the admitted expert: +1
     v.used(0, {2, 5})  # the displaced one asked for (+1 -1): 0
@@ -90,7 +90,7 @@ def test_admission_value_counts_hits_minus_the_displaced_experts_requests():
     v.evicted(0, 5)  # not open any more: ignored
     v.settle()
     assert (v.net, v.count) == (AdmissionValue.PRIOR_HITS + 1, 3)
-    v.admitted(0, 4, 6)
+    v.admitted(0, 4, (0, 6))
     for _ in range(10):
         v.used(0, {6})
     v.settle()

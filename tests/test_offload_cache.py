@@ -16,9 +16,9 @@ def replay(cache: ExpertCache, layer: int, seq: list[int]) -> list[int | None]:
         cache.access(layer, e)
         out = None
         if cache.slot_of(layer, e) is None:
-            _, out = cache.place(layer, e, pinned={e})
+            _, out = cache.place(layer, e, pinned={(layer, e)})
         cache.tick(layer)
-        evicted.append(out)
+        evicted.append(None if out is None else out[1])
     return evicted
 
 
@@ -36,17 +36,18 @@ def test_layers_are_independent_and_slots_unique():
     replay(cache, 1, [3])
     assert sorted(cache.resident(0)) == [2, 3] and cache.resident(1) == [3]
     slots = {cache.slot_of(0, e) for e in cache.resident(0)}
-    assert slots == {0, 1}
+    assert slots == {0, 1}  # slot keys: layer * K + slot
+    assert {cache.slot_of(1, 3)} == {2}
 
 
 def test_pinned_experts_are_never_victims():
     cache = ExpertCache(1, 6, 2, 8, "cpu")
     cache.place(0, 0, set())
     cache.place(0, 1, set())
-    _, evicted = cache.place(0, 2, pinned={0})  # LRU would pick 0 (admitted first); it is pinned
-    assert evicted == 1
+    _, evicted = cache.place(0, 2, pinned={(0, 0)})  # LRU would pick 0 (admitted first); it is pinned
+    assert evicted == (0, 1)
     with pytest.raises(CacheFull, match="layer 0: all 2 slots hold pinned experts"):
-        cache.place(0, 3, pinned={0, 2})
+        cache.place(0, 3, pinned={(0, 0), (0, 2)})
 
 
 def test_slot_range_is_checked():

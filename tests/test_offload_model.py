@@ -42,12 +42,13 @@ def resident(mixtral_ref):
     return path, greedy_logits(model, PROMPT, 12)
 
 
-@pytest.mark.parametrize("store,prefetch", list(itertools.product(["ram", "mmap"], [True, False])))
-def test_offloaded_equals_resident_for_every_k(resident, store, prefetch):
+@pytest.mark.parametrize("store,prefetch,pool", list(itertools.product(["ram", "mmap"], [True, False],
+                                                                        ["layer", "global"])))
+def test_offloaded_equals_resident_for_every_k(resident, store, prefetch, pool):
     path, (want_tokens, want_logits) = resident
     cfg = ModelConfig.from_dir(path)
     for k in range(cfg.experts_per_tok, cfg.num_experts + 1):
-        factory = offloading.make_factory(slots=k, store=store, prefetch=prefetch)
+        factory = offloading.make_factory(slots=k, store=store, prefetch=prefetch, pool=pool)
         model = load_model(path, experts=factory)
         tokens, logits = greedy_logits(model, PROMPT, 12)
         assert tokens == want_tokens, (k, store, prefetch)
@@ -97,7 +98,7 @@ def test_build_turns_offloading_on_only_when_asked(mixtral_ref):
     assert build(path, "--experts-per-layer", "4") is None
     factory = build(path, "--experts-per-layer", "3", "--store", "mmap", "--prefetch", "off")
     model = load_model(path, experts=factory)
-    assert not model.experts.wants_guess and model.experts.engine.cache.slots == 3
+    assert not model.experts.wants_guess and model.experts.engine.cache.quota == 3
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -140,11 +141,35 @@ def test_device_memory_picks_k_or_says_what_it_needs(mixtral_ref, capsys):
     for k in (2, 3):
         gib = (dense + kv + act + k * cfg.num_layers * expert + 100) / budget.GIB
         model = load_model(path, experts=build(path, "--device-memory", f"{gib!r}"))
-        assert model.experts.engine.cache.slots == k
+        assert model.experts.engine.cache.quota == k
         assert f"-> {k} experts per layer" in capsys.readouterr().err
     gib = (dense + kv + act + cfg.num_layers * expert) / budget.GIB
     with pytest.raises(SystemExit, match=r"--device-memory .* GiB is too small: dense weights .* needs at least"):
         build(path, "--device-memory", f"{gib!r}")  # when the plan is made, before anything loads
+
+
+@pytest.mark.parametrize("store", ["ram", "mmap"])
+def test_a_budget_between_k_and_k_plus_1_fills_one_pool_and_equals_resident(resident, store, capsys):
+    """2.5 slots a layer of budget: per layer, 2 and the rest idle; one pool, every slot but less than one used.
+    Greedy tokens and logits equal the resident model's either way; the run's pool is the plan's."""
+    path, (want_tokens, want_logits) = resident
+    cfg = ModelConfig.from_dir(path)
+    dense = budget.dense_bytes(cfg, torch.float32)
+    kv, act = budget.runtime_bytes(cfg, torch.float32, 4096, 512)
+    expert = 3 * cfg.intermediate_size * cfg.hidden_size * 4
+    gib = (dense + kv + act + 2.5 * cfg.num_layers * expert) / budget.GIB
+    slots = {}
+    for pool in ("layer", "global"):
+        model = load_model(path, experts=build(path, "--device-memory", f"{gib!r}", "--store", store,
+                                               "--expert-pool", pool))
+        tokens, logits = greedy_logits(model, PROMPT, 12)
+        assert tokens == want_tokens and torch.equal(logits, want_logits), pool
+        s = model.experts.stats()
+        slots[pool] = s["pool_slots"]
+        assert s["expert_pool"] == pool and s["device_expert_bytes"] == s["pool_slots"] * s["expert_bytes"]
+    assert slots == {"layer": 2 * cfg.num_layers, "global": int(2.5 * cfg.num_layers)}
+    assert f"-> {int(2.5 * cfg.num_layers)} expert slots shared by every layer (at least 2 each)" in (
+        capsys.readouterr().err)
 
 
 def test_dense_model_rejects_expert_flags(mistral_ref):
@@ -197,7 +222,7 @@ def test_cpu_slots_hold_the_compute_dtype():
         model = load_model(path, experts=offloading.make_factory(slots=4, store=store))
         engine = model.experts.engine
         assert {e.dtype for e in engine.store.layout.entries} == {"bfloat16"}, store
-        slot_views = engine._views[0][0]
+        slot_views = engine._views[0]
         mats = engine.codec.decode(slot_views)
         assert all(m.dtype == torch.float32 for m in mats)
         assert engine.codec.names == ("w13", "w2")  # w1 and w3 back to back: one product per decoding token
@@ -208,3 +233,13 @@ def test_cpu_slots_hold_the_compute_dtype():
         assert s["expert_bytes"] == fp32_expert // 2  # bf16 bytes move per load
         assert s["bytes_host_to_device"] == (s["expert_misses"] + s["prefetch_issued"]) * s["expert_bytes"]
         assert s["device_expert_bytes"] == 4 * cfg.num_layers * fp32_expert
+
+
+def test_expert_pool_default_follows_the_policy_and_markov_is_per_layer_only(resident):
+    path, _ = resident
+    assert plan_load(parse("-m", str(path), "--device", "cpu")).experts.expert_pool == "global"
+    assert plan_load(parse("-m", str(path), "--device", "cpu", "--cache-policy", "lfu")).experts.expert_pool == "layer"
+    with pytest.raises(SystemExit, match="--expert-pool global: takes --cache-policy lru or lfu, not markov"):
+        build(path, "--experts-per-layer", "2", "--expert-pool", "global", "--cache-policy", "markov")
+    with pytest.raises(SystemExit):
+        parse("--expert-pool", "ring")

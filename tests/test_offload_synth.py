@@ -75,14 +75,15 @@ def open_source(files: list[Path], layers: int, experts: int, inter: int, dim: i
 
 def make_engine(files, layers, experts, inter, dim, *, slots, store="mmap", prefetch=True,
                 dtype=torch.float32, policy="lru", device="cpu", transfer=None, pinner=None,
-                miss_policy=None, host_thread=None) -> OffloadEngine:
+                miss_policy=None, host_thread=None, pool="layer", prefetch_budget=None) -> OffloadEngine:
     """pinner: page-locks the RAM store with it (a fake's, on the CPU) instead of only on CUDA."""
     source = open_source(files, layers, experts, inter, dim)
     pin = {"pin": True, "pinner": pinner} if pinner else {"pin": device == "cuda"}
     host = RamStore(source, **pin) if store == "ram" else source
     codec = PlainCodec(host.layout, ROLES, dtype, device)
     return OffloadEngine(host, codec, swiglu_expert, slots, device, policy=policy, prefetch=prefetch,
-                         transfer=transfer, miss_policy=miss_policy, host_thread=host_thread)
+                         transfer=transfer, miss_policy=miss_policy, host_thread=host_thread, pool=pool,
+                         prefetch_budget=prefetch_budget)
 
 
 def reference(tensors, layer: int, x, ids_host, weights, dtype=torch.float32):

@@ -168,7 +168,8 @@ def test_offload_suites_pass_under_the_fake():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    suites = ["tests/test_offload_engine.py", "tests/test_offload_model.py", "tests/test_quant_store.py"]
+    suites = ["tests/test_offload_engine.py", "tests/test_offload_model.py", "tests/test_quant_store.py",
+              "tests/test_pool_engine.py"]
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--fake-cuda", *suites],
                          cwd=root, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:]

@@ -57,13 +57,13 @@ def store(mixtral_q_ref, tmp_path_factory):
     return qe.convert(src, tmp_path_factory.mktemp("table") / "q4", QuantSpec(4, 64, 1, 8), DENSE, progress=False)
 
 
-def engine(path, slots: int) -> TableEngine:
+def engine(path, slots: int, pool: str = "layer") -> TableEngine:
     s = open_store(path)
     codec = FusedCodec(s.matrices, s.spec, "cpu", STACK, rows=True)
     moe = EmulatedMoE(codec)
-    eng = TableEngine(s.expert_store("ram"), codec, slots, "cpu", top_k=2, moe=moe)
+    eng = TableEngine(s.expert_store("ram"), codec, slots, "cpu", top_k=2, moe=moe, pool=pool)
+    moe.register(*eng.cache.buffers())
     for layer in range(eng.layers):
-        moe.register(*(eng.cache.buffer(layer, k) for k in range(eng.cache.slots)))
         if eng.host is not None:
             moe.register(*eng.host[layer])
     return eng
@@ -90,7 +90,7 @@ def decode(eng: TableEngine, steps: list[torch.Tensor], x: torch.Tensor) -> list
 
 def _where(eng: TableEngine, layer: int, e: int) -> str:
     addr = int(eng.table[layer * eng.num_experts + e])
-    slots = {eng.cache.buffer(layer, k).data_ptr(): k for k in range(eng.cache.slots)}
+    slots = {b.data_ptr(): k for k, b in enumerate(eng.cache.buffers())}
     return f"slot {slots[addr]}" if addr in slots else "host"
 
 
@@ -110,6 +110,30 @@ def test_offloaded_steps_equal_resident_steps_and_the_table_always_names_the_rig
     assert s["expert_hits"] + s["expert_misses"] == 12 * offloaded.layers * 2
     assert s["expert_copies"] > 0 and s["bytes_copied"] == s["expert_copies"] * offloaded.store.layout.nbytes
     assert resident.stats()["hit_rate"] == 1.0
+
+
+def test_one_pool_for_every_layer_equals_resident_steps_and_counts_bytes_by_kind(store):
+    """The table engine over a global pool with a spare slot: the kernels still find (layer, expert) through the
+    table, outputs equal the resident engine's, admissions may evict another layer's expert, and the figures
+    split the bus bytes into misses read in place and admissions."""
+    resident = engine(store, 4)
+    pooled = engine(store, 2 * resident.layers + 1, "global")
+    assert pooled.cache.kind == "global" and pooled.host is not None
+    steps = routes(resident.layers, 4, 12, seed=3)
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    for a, b in zip(decode(resident, steps, x), decode(pooled, steps, x), strict=True):
+        assert torch.equal(a, b)
+    for layer in range(pooled.layers):
+        for e in range(pooled.num_experts):
+            addr = int(pooled.table[layer * pooled.num_experts + e])
+            assert torch.equal(pooled.moe.buffers[addr], pooled.host[layer][e])
+    s = pooled.stats()
+    nbytes = pooled.store.layout.nbytes
+    assert s["expert_pool"] == "global" and s["pool_slots"] == 2 * pooled.layers + 1
+    assert s["expert_uses"] == s["expert_hits"] + s["expert_misses"] == 12 * pooled.layers * 2
+    assert s["read_in_place_bytes"] == s["expert_misses"] * nbytes and s["prefetch_used"] == 0
+    assert s["admitted_bytes"] == s["expert_copies"] * nbytes == s["bytes_copied"] and s["demand_miss_bytes"] == 0
+    assert s["read_in_place_bytes_per_token"] == s["read_in_place_bytes"] / 12
 
 
 def test_admissions_take_free_slots_then_only_experts_used_more_than_the_victim(store):

@@ -88,8 +88,9 @@ class Chat:
         e = s.model.experts.stats() if s.model.experts is not None else {}
         if "hit_rate" in e:
             recall = e.get("prefetch_recall")
-            lines.append(f"experts: hit rate {e['hit_rate'] or 0:.3f}   prefetch recall "
-                         f"{'-' if recall is None else f'{recall:.3f}'}   "
+            lines.append(f"experts: hit rate {e['hit_rate'] or 0:.3f} (no transfer this token)   prefetch "
+                         f"{e.get('prefetch_issued', 0)} issued, {e.get('prefetch_used', 0)} used, "
+                         f"{e.get('prefetch_wasted', 0)} wasted, recall {'-' if recall is None else f'{recall:.3f}'}   "
                          f"{e['bytes_host_to_device'] / 2**20:.1f} MiB host->device")
         return "\n".join(lines)
 

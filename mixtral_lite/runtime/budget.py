@@ -8,7 +8,10 @@ Everything a run puts on the device is counted, not only what torch's allocator 
     codec scratch + device staging                               dequantize / convert buffers
     CUDA context (--device-memory only) + cuBLAS workspaces      invisible to memory_allocated()
     margin (5%, at least 256 MiB)                                allocator fragmentation
-    K x layers x slot bytes                                      the expert pool
+    the expert pool                                              --expert-pool layer: K x layers x slot bytes;
+                                                                 global: N x slot bytes, N = what is left
+                                                                 // slot bytes (at most layers x experts),
+                                                                 so less than one slot's bytes stay idle
 
 With --device-memory GB the budget is the card; without it (a quantized store, or --store with
 no K, on CUDA) it is what `torch.cuda.mem_get_info()` says is free once the dense weights are
@@ -64,13 +67,27 @@ class DevicePlan:
     overhead: int  # context + cuBLAS workspaces + margin (0 on the CPU)
     slot_bytes: int
     layers: int
-    k: int = 0
+    k: int = 0  # slots per layer (global pool: each layer's quota, N // layers)
+    pool: str = "layer"  # --expert-pool: "layer" (K per layer) or "global" (N shared)
+    slots: int = 0  # every slot of the pool: K x layers, or N (0: K x layers)
+
+    def __post_init__(self):
+        self.slots = self.slots or self.k * self.layers
 
     def fixed(self) -> int:
         return self.dense + self.kv + self.activations + self.scratch + self.overhead
 
     def total(self) -> int:
-        return self.fixed() + self.k * self.layers * self.slot_bytes
+        return self.fixed() + self.slots * self.slot_bytes
+
+    def engine_slots(self) -> int:
+        """What the engines take as `slots`: K per layer, or N in all."""
+        return self.slots if self.pool == "global" else self.k
+
+    def describe_slots(self) -> str:
+        if self.pool == "global" and self.slots != self.k * self.layers:  # else: the per-layer cache exactly
+            return f"{self.slots} expert slots shared by every layer (at least {self.k} each)"
+        return f"{self.k} experts per layer"
 
     def describe(self) -> str:
         return (f"dense weights {self.dense / GIB:.2f} + KV cache {self.kv / GIB:.2f} + activations "
@@ -79,16 +96,20 @@ class DevicePlan:
 
 
 def plan_slots(cfg: ModelConfig, dtype: torch.dtype, budget: int, slot_bytes: int, *, window: int, chunk: int,
-               device: torch.device, scratch: int = 0, measured: bool = False, dense: int | None = None) -> DevicePlan:
-    """The largest K (up to num_experts) whose plan fits `budget` bytes; K may come out below top_k."""
+               device: torch.device, scratch: int = 0, measured: bool = False, dense: int | None = None,
+               pool: str = "layer") -> DevicePlan:
+    """The largest pool that fits `budget` bytes: K per layer (up to num_experts; may come out below top_k), or
+    for the global pool N slots (up to layers x experts) with K = N // layers."""
     kv, act = runtime_bytes(cfg, dtype, window, chunk)
     overhead = 0
     if device.type == "cuda":
         overhead = CUBLAS_WORKSPACE + max(MARGIN_MIN, int(MARGIN * budget)) + (0 if measured else CUDA_CONTEXT)
     dense = dense_bytes(cfg, dtype) if dense is None else dense
     plan = DevicePlan(budget, 0 if measured else dense, kv, act, scratch, overhead,
-                      slot_bytes, cfg.num_layers)
-    plan.k = min(cfg.num_experts, max(budget - plan.fixed(), 0) // (cfg.num_layers * slot_bytes))
+                      slot_bytes, cfg.num_layers, pool=pool)
+    n = min(cfg.num_layers * cfg.num_experts, max(budget - plan.fixed(), 0) // slot_bytes)
+    plan.k = min(cfg.num_experts, n // cfg.num_layers)
+    plan.slots = n if pool == "global" else plan.k * cfg.num_layers
     return plan
 
 
@@ -99,26 +120,27 @@ def free_bytes(device: torch.device) -> int:
 
 
 def choose_slots(cfg: ModelConfig, dtype: torch.dtype, slot_bytes: int, *, window: int, chunk: int,
-                 device: torch.device, scratch: int, gib: float | None, dense: int | None = None) -> DevicePlan:
+                 device: torch.device, scratch: int, gib: float | None, dense: int | None = None,
+                 pool: str = "layer") -> DevicePlan:
     """K from --device-memory GiB (gib), or from the free memory of a CUDA device; exits naming the flag."""
     measured = gib is None
     budget = free_bytes(device) if measured else int(gib * GIB)
     plan = plan_slots(cfg, dtype, budget, slot_bytes, window=window, chunk=chunk, device=device,
-                      scratch=scratch, measured=measured, dense=dense)
+                      scratch=scratch, measured=measured, dense=dense, pool=pool)
     what = "free device memory" if measured else f"--device-memory {gib:g} GiB"
     if plan.k < cfg.experts_per_tok:
         top = cfg.experts_per_tok * cfg.num_layers * slot_bytes
         raise SystemExit(f"error: {what} is too small: {plan.describe()} + {cfg.experts_per_tok} expert slots per "
                          f"layer {top / GIB:.2f} GiB needs at least {(plan.fixed() + top) / GIB:.2f} GiB"
                          + ("" if gib else f" ({budget / GIB:.2f} GiB free); give --device-memory or free the GPU"))
-    print(f"offload: {what} -> {plan.k} experts per layer ({plan.k * cfg.num_layers * slot_bytes / GIB:.2f} GiB "
+    print(f"offload: {what} -> {plan.describe_slots()} ({plan.slots * slot_bytes / GIB:.2f} GiB "
           f"of expert slots; plan {plan.total() / GIB:.2f} of {budget / GIB:.2f} GiB)", file=sys.stderr)
     return plan
 
 
 def check_reserved(plan: DevicePlan, grew: int) -> str | None:
     """A warning when allocating the pool reserved more than the plan gave the slots and scratch."""
-    want = plan.k * plan.layers * plan.slot_bytes + plan.scratch
+    want = plan.slots * plan.slot_bytes + plan.scratch
     slack = max(MARGIN_MIN, int(MARGIN * plan.budget))
     if grew <= want + slack:
         return None

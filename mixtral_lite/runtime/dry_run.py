@@ -34,10 +34,13 @@ def figures(plan: LoadPlan, sz: Sizes, placement: Placement) -> dict:
         resident = placement.experts == "resident"  # stacked per layer in the compute dtype
         slot = 3 * cfg.intermediate_size * cfg.hidden_size * dtype.itemsize if resident else sz.slot
         k, all_host = placement.k, cfg.num_layers * cfg.num_experts * sz.host
-        expert_bytes = None if k is None else cfg.num_layers * k * slot
+        n = placement.device_slots(cfg.num_layers)  # every slot: K x layers, or the global pool's N
+        expert_bytes = None if n is None else n * slot
         ram = placement.experts in ("offloaded", "table") and placement.store == "ram"
         host = all_host if ram else 0
+        pooled = placement.experts in ("offloaded", "table")
         out |= {"experts": placement.experts, "experts_per_layer": k, "num_experts": cfg.num_experts,
+                "expert_pool": placement.pool if pooled else None, "pool_slots": n,
                 "store": placement.store, "codec": sz.codec, "expert_slot_bytes": slot,
                 "expert_host_bytes": sz.host, "scratch_bytes": 0 if resident else sz.scratch,
                 "device_expert_bytes": expert_bytes, "host_expert_bytes": host,
@@ -56,11 +59,12 @@ def cards(plan: LoadPlan, sz: Sizes, sizes_gib: tuple[float, ...]) -> list[dict]
     cfg, rows = plan.config, []
     for gib in sizes_gib:
         dp = plan_slots(cfg, plan.dtype, int(gib * GIB), max(sz.slot, 1), window=plan.window, chunk=plan.chunk,
-                        device=plan.device, scratch=sz.scratch, dense=sz.dense)
+                        device=plan.device, scratch=sz.scratch, dense=sz.dense, pool=plan.experts.expert_pool)
         top = cfg.experts_per_tok * cfg.num_layers * sz.slot
         fits = dp.k >= cfg.experts_per_tok if cfg.is_moe else dp.fixed() <= dp.budget
         rows.append({"card_gib": gib, "fits": fits, "experts_per_layer": dp.k if cfg.is_moe and fits else None,
-                     "device_expert_bytes": dp.k * cfg.num_layers * sz.slot if cfg.is_moe and fits else None,
+                     "pool_slots": dp.slots if cfg.is_moe and fits else None,
+                     "device_expert_bytes": dp.slots * sz.slot if cfg.is_moe and fits else None,
                      "device_total_bytes": dp.total() if fits else None,
                      "needs_bytes": dp.fixed() + (top if cfg.is_moe else 0)})
     return rows
@@ -108,7 +112,10 @@ def _expert_line(plan: dict) -> str:
         each += "; misses read in place from pinned host copies by the CUDA table kernels"
     if plan["experts_per_layer"] is None:
         return (f"chosen at load from the free device memory ({each}; give --device-memory GB to plan them); "
-                f"store: {plan['store']}")
+                f"store: {plan['store']}; pool: {plan.get('expert_pool')}")
+    if plan.get("expert_pool") == "global":
+        return (f"{_size(plan['device_expert_bytes'])} (one pool of {plan['pool_slots']} slots for every layer, "
+                f"at least {plan['experts_per_layer']} of {plan['num_experts']} each, {each}; store: {plan['store']})")
     return (f"{_size(plan['device_expert_bytes'])} ({plan['experts_per_layer']} of {plan['num_experts']} per "
             f"layer, {each}; store: {plan['store']})")
 

@@ -1,7 +1,7 @@
 """The flags a load is made of, defined once for every front end, without importing torch (fast --help).
 
     add_model_args      -m -c -b -t --device --dtype + add_offload_args   (generate, chat, server)
-    add_offload_args    --experts-per-layer --store --prefetch --device-memory --cache-policy
+    add_offload_args    --experts-per-layer --store --prefetch --device-memory --cache-policy --expert-pool
                         --miss-policy --cpu-threads                       (+ perplexity)
     add_sampling_args   --temperature --top-k --top-p -s                  (generate, chat)
     Parser              argparse with one-line errors: a mistyped flag names the closest valid one
@@ -124,6 +124,10 @@ def add_offload_args(p: argparse.ArgumentParser, shipped_offloads_on_cpu: bool =
                    help="device budget in GiB; the expert slots get what dense weights, KV cache and "
                         "activations leave (instead of --experts-per-layer)")
     g.add_argument("--cache-policy", choices=live_policies(), default="lru", help="expert eviction policy")
+    g.add_argument("--expert-pool", choices=["global", "layer"],
+                   help="expert slots shared by every layer, each keeping a quota of (slots // layers), sized from "
+                        "the whole budget (global; the default with --cache-policy lru), or K per layer (layer; the "
+                        "default with lfu and markov)")
     g.add_argument("--miss-policy", choices=(READ, *MISS_POLICIES),
                    help="where a missed expert runs: read in place from pinned host memory by the GPU's expert "
                         "kernels while cached experts come from device slots, with no host round trip in a step "

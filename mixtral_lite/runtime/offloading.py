@@ -28,6 +28,7 @@ from offload.ggml_codec import GGMLCodec
 from offload.host_experts import HostExperts, calibrate
 from offload.hostsync import to_host
 from offload.miss_policy import MissPolicy
+from offload.prefetch import PrefetchBudget
 from offload.prepacked import PrepackedCodec
 from offload.rows import scratch_bytes as rows_scratch_bytes
 from offload.store import RamStore, SafetensorsSource
@@ -71,11 +72,11 @@ class OffloadedExperts:
 
 
 def _device_plan(cfg: ModelConfig, dtype, slot_bytes: int, scratch: int, device, gib: float | None,
-                 window: int | None, chunk: int | None, ckpt=None) -> DevicePlan:
+                 window: int | None, chunk: int | None, ckpt=None, pool: str = "layer") -> DevicePlan:
     # without a LoadPlan (load_model's default for stores): generate's default -c 4096 and -b 512
     window = cfg.sliding_window or window or min(cfg.max_position_embeddings, 4096)
     return choose_slots(cfg, dtype, slot_bytes, window=window, chunk=chunk or 512, device=device, scratch=scratch,
-                        gib=gib, dense=dense_bytes(cfg, dtype, ckpt))
+                        gib=gib, dense=dense_bytes(cfg, dtype, ckpt), pool=pool)
 
 
 def scratch_bytes(codec, host, device: torch.device) -> int:
@@ -93,7 +94,7 @@ def build(plan: LoadPlan, placement):
     if placement.experts in ("none", "resident"):
         return None
     common = {"prefetch": e.prefetch, "policy": e.cache_policy, "miss_policy": e.miss_policy,
-              "cpu_threads": e.cpu_threads, "window": plan.window, "chunk": plan.chunk}
+              "cpu_threads": e.cpu_threads, "window": plan.window, "chunk": plan.chunk, "pool": placement.pool}
     return make_factory(slots=placement.k, store=placement.store or "ram", device_plan=placement.budget, **common)
 
 
@@ -101,7 +102,7 @@ def make_factory(*, slots: int | None, store: str = "ram", prefetch: bool = True
                  device_memory: float | None = None, window: int | None = None, chunk: int | None = None,
                  transfer=None, resident_checkpoints: bool = False,
                  miss_policy: str | MissPolicy | None = None, cpu_threads: int | None = None,
-                 device_plan: DevicePlan | None = None):
+                 device_plan: DevicePlan | None = None, pool: str = "layer"):
     """factory(config, checkpoint, device, dtype) -> ExpertProvider (OffloadedExperts, or resident ones).
 
     slots None: K from device_memory (GiB) when given, else on CUDA from the free device memory
@@ -111,6 +112,8 @@ def make_factory(*, slots: int | None, store: str = "ram", prefetch: bool = True
     resident_checkpoints: a Hugging Face checkpoint keeps every expert resident (only stores offload).
     miss_policy: auto, copy or cpu (default auto on CUDA, copy on the CPU), or a MissPolicy (a test's script).
     device_plan: the --device-memory plan the run's planner made (runtime/sizing.py): K is its k.
+    pool: "layer" (slots = K per layer) or "global" (one pool of the plan's N slots, or K x layers;
+    offload/global_cache.py).
     """
     def factory(cfg: ModelConfig, ckpt, device, dtype) -> OffloadedExperts:
         device = torch.device(device)
@@ -121,7 +124,7 @@ def make_factory(*, slots: int | None, store: str = "ram", prefetch: bool = True
                              "(tools/quantize_experts.py)")
         if device.type == "cuda" and miss_policy in (None, READ) and hasattr(ckpt, "rows_codec"):
             engine = table_engine(cfg, ckpt, device, dtype, slots, device_memory, window, chunk, policy, store,
-                                  required=miss_policy == READ)
+                                  required=miss_policy == READ, pool=pool)
             if engine is not None:
                 return engine
         if hasattr(ckpt, "expert_store") and (slots == cfg.num_experts or (
@@ -136,14 +139,17 @@ def make_factory(*, slots: int | None, store: str = "ram", prefetch: bool = True
         budget = device_plan
         if budget is None and slots is None and (device_memory is not None or device.type == "cuda"):
             budget = _device_plan(cfg, dtype, slot_layout(codec).nbytes, scratch_bytes(codec, host, device),
-                                  device, device_memory, window, chunk, ckpt)
+                                  device, device_memory, window, chunk, ckpt, pool)
         k = budget.k if budget else slots or cfg.num_experts
+        n = budget.engine_slots() if budget else (k * cfg.num_layers if pool == "global" else k)
         before = torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
         guess = prefetch and k < cfg.num_experts  # with every expert cached a guess has nothing to load
         misses, host_side = _misses(miss_policy, cpu_threads, k < cfg.num_experts, cfg, ckpt, host, codec,
                                     device, dtype)
-        engine = OffloadEngine(host, codec, expert_function(codec), k, device, policy=policy, prefetch=guess,
-                               transfer=transfer, miss_policy=misses, host=host_side)
+        engine = OffloadEngine(host, codec, expert_function(codec), n, device, policy=policy, prefetch=guess,
+                               transfer=transfer, miss_policy=misses, host=host_side, pool=pool,
+                               prefetch_budget=_prefetch_budget(guess, misses, host_side, ckpt, codec, cfg,
+                                                                device, dtype, host))
         if budget is not None and device.type == "cuda":
             warning = check_reserved(budget, torch.cuda.memory_reserved(device) - before)
             if warning:
@@ -167,7 +173,8 @@ def check_resident_ram(cfg: ModelConfig, ckpt, codec, device: torch.device) -> N
 
 
 def table_engine(cfg: ModelConfig, ckpt, device: torch.device, dtype, slots: int | None,
-                 device_memory: float | None, window, chunk, policy: str, store: str, required: bool):
+                 device_memory: float | None, window, chunk, policy: str, store: str, required: bool,
+                 pool: str = "layer"):
     """A TableEngine (offload/table.py) for a quantized store on CUDA, or None (why printed) where its
     kernels or layout are unavailable here and --miss-policy read was not asked for (then: an error)."""
     why = triton_moe.self_check(device) or triton_moe.shape_unsupported(cfg.hidden_size, cfg.intermediate_size,
@@ -183,15 +190,34 @@ def table_engine(cfg: ModelConfig, ckpt, device: torch.device, dtype, slots: int
         print(f"experts: the table kernels are not used ({why}); misses are copied", file=sys.stderr)
         return None
     host = ckpt.expert_store("mmap")  # read once, converted into pinned int4-rows copies (or slots)
-    k = slots
+    k, n = slots, None if slots is None else (slots * cfg.num_layers if pool == "global" else slots)
     if k is None:
         scratch = rows_scratch_bytes(codec.out_shapes) + codec.slot_layout.nbytes + host.layout.nbytes
-        k = _device_plan(cfg, dtype, codec.slot_layout.nbytes, scratch, device, device_memory, window, chunk,
-                         ckpt).k
-    engine = TableEngine(host, codec, k, device, cfg.experts_per_tok, policy=policy)
-    ckpt.codec_note = (f"int4-rows table kernels on cuda (Triton), {k} of {cfg.num_experts} experts per layer "
-                       "in device slots" + ("" if k == cfg.num_experts else ", misses read in place from pinned RAM"))
+        plan = _device_plan(cfg, dtype, codec.slot_layout.nbytes, scratch, device, device_memory, window, chunk,
+                            ckpt, pool)
+        k, n = plan.k, plan.engine_slots()
+    engine = TableEngine(host, codec, n, device, cfg.experts_per_tok, policy=policy, pool=pool)
+    where = (f"{n} device slots shared by every layer" if pool == "global" else
+             f"{k} of {cfg.num_experts} experts per layer in device slots")
+    every = engine.cache.num_slots == cfg.num_layers * cfg.num_experts
+    ckpt.codec_note = (f"int4-rows table kernels on cuda (Triton), {where}"
+                       + ("" if every else ", misses read in place from pinned RAM"))
     return engine
+
+
+def _prefetch_budget(guess: bool, misses: MissPolicy, side, ckpt, codec, cfg, device, dtype,
+                     host) -> PrefetchBudget | None:
+    """On CUDA, the bus time a prefetch may take per layer step, from the calibrated costs (auto's, else measured
+    here); None where nothing is prefetched, or on the CPU (no bus: a slot fill is a memcpy on the same cores)."""
+    if not guess or device.type != "cuda" or misses.mode == "cpu":
+        return None
+    costs = misses.costs
+    if costs is None:
+        side = side or _host_side(ckpt, host, codec, device, dtype)
+        costs = calibrate(side, codec, expert_function(codec), cfg.hidden_size, dtype, device)
+    budget = PrefetchBudget(costs, host.layout.nbytes)
+    print(budget.describe(), file=sys.stderr)
+    return budget
 
 
 def _misses(choice, threads, offloading: bool, cfg, ckpt, host, codec, device, dtype):

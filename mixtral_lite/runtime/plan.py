@@ -41,11 +41,19 @@ class ExpertChoice:
     cache_policy: str = "lru"  # --cache-policy
     miss_policy: str | None = None  # --miss-policy auto|copy|cpu (None: auto on CUDA, copy on the CPU)
     cpu_threads: int | None = None  # --cpu-threads: host threads for misses run on the CPU beside a GPU
+    pool: str | None = None  # --expert-pool global|layer (None: global for --cache-policy lru, else layer)
+
+    @property
+    def expert_pool(self) -> str:
+        """The pool a run builds: as given, else global under lru (benchmarks/replay_pool.py: never below the
+        per-layer caches on the shipped traces) and per layer under lfu (with spare slots it fell below them on
+        two traces) and markov (per layer only)."""
+        return self.pool or ("global" if self.cache_policy == "lru" else "layer")
 
     @classmethod
     def from_args(cls, args) -> ExpertChoice:
         return cls(args.experts_per_layer, args.store, args.prefetch == "next", args.device_memory,
-                   args.cache_policy, args.miss_policy, args.cpu_threads)
+                   args.cache_policy, args.miss_policy, args.cpu_threads, getattr(args, "expert_pool", None))
 
 
 @dataclass(frozen=True)
@@ -105,5 +113,8 @@ def check(plan: LoadPlan) -> None:
     if k is not None and not cfg.experts_per_tok <= k <= cfg.num_experts:
         raise SystemExit(f"error: --experts-per-layer {k}: must be between experts_per_tok "
                          f"({cfg.experts_per_tok}) and num_experts ({cfg.num_experts})")
+    if e.expert_pool == "global" and e.cache_policy not in ("lru", "lfu"):
+        raise SystemExit(f"error: --expert-pool global: takes --cache-policy lru or lfu, not {e.cache_policy} "
+                         "(give --expert-pool layer)")
     if e.device_memory is not None and e.device_memory <= 0:
         raise SystemExit(f"error: --device-memory {e.device_memory:g}: must be a positive number of GiB")

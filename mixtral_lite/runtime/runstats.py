@@ -105,9 +105,17 @@ def format_stats(stats: dict) -> str:
 
 
 def _expert_lines(stats: dict) -> list[str]:
+    """The experts' figures (offload/stats.py says what each counts): hits are uses served from a slot with no
+    transfer for them this token; a prefetch has its own line; the bus bytes per token by whom they were for."""
     mib = 1024 * 1024
-    lines = [f"experts: hit rate {stats['hit_rate'] or 0:.3f} ({stats['expert_hits']} hits, "
-             f"{stats['expert_misses']} misses over prompt and generated tokens)"]
+    used = stats.get("prefetch_used", 0)
+    pool = stats.get("expert_pool")
+    where = "" if pool is None else f"; {stats.get('pool_slots')} slots, " + (
+        "one pool for every layer" if pool == "global" else "per layer")
+    lines = [f"experts: hit rate {stats['hit_rate'] or 0:.3f} ({stats['expert_hits']} of "
+             f"{stats.get('expert_uses', stats['expert_hits'] + stats['expert_misses'])} uses served from a slot "
+             f"with no transfer this token; {used} by a prefetch, {stats['expert_misses']} misses; over prompt and "
+             f"generated tokens{where})"]
     if stats.get("miss_policy") == "read":
         lines.append(f"misses: read in place from pinned RAM by the GPU's kernels, "
                      f"{stats['bytes_read_in_place'] / mib:.1f} MiB; {stats['expert_copies']} admitted into slots "
@@ -120,12 +128,19 @@ def _expert_lines(stats: dict) -> list[str]:
     if recall is None:
         lines.append("prefetch: off")
     else:
-        lines.append(f"prefetch: recall {recall:.3f} (share of the chosen experts that the guess named); "
-                     f"{stats.get('prefetch_issued', 0)} experts loaded by guess, "
-                     f"{stats.get('prefetch_used', 0)} of them used before eviction")
+        lines.append(f"prefetch: {stats.get('prefetch_issued', 0)} issued, {used} used, "
+                     f"{stats.get('prefetch_wasted', 0)} wasted, {stats.get('prefetch_refused', 0)} refused (would "
+                     f"have evicted an expert used more often); recall {recall:.3f} (share of the chosen experts "
+                     "that the guess named)")
     per_token = (stats["bytes_per_token"] or 0) / mib
     lines.append(
         f"transfers: {stats['bytes_host_to_device'] / mib:.1f} MiB host->device, {per_token:.2f} MiB per token "
         f"(prompt tokens included)   stall {stats['stall_s']:.3f} s   "
         f"expert slots {stats['device_expert_bytes'] / mib:.1f} MiB")
+    kinds = (("demand_miss", "demand misses"), ("prefetch_used", "prefetch used"),
+             ("prefetch_wasted", "prefetch wasted"), ("read_in_place", "read in place"), ("admitted", "admissions"))
+    parts = [f"{label} {(stats.get(f'{kind}_bytes_per_token') or 0) / mib:.2f}" for kind, label in kinds
+             if f"{kind}_bytes_per_token" in stats]
+    if parts:
+        lines.append("bus per token (MiB): " + ", ".join(parts))
     return lines

@@ -87,6 +87,18 @@ class Placement:
     k: int | None = None  # slots per layer; None: from the free CUDA memory once the dense weights are loaded
     store: str | None = None  # the host home of offloaded experts: "ram" or "mmap"
     budget: DevicePlan | None = None  # the --device-memory plan K came from
+    pool: str = "layer"  # --expert-pool: "layer" (k per layer) or "global" (engine_slots shared by every layer)
+
+    def engine_slots(self, layers: int) -> int | None:
+        """`slots` for the engines: k per layer, or the global pool's N (the budget's, else k x layers)."""
+        if self.k is None or self.pool == "layer":
+            return self.k
+        return self.budget.slots if self.budget is not None else self.k * layers
+
+    def device_slots(self, layers: int) -> int | None:
+        """Every slot on the device (None: chosen at load)."""
+        n = self.engine_slots(layers)
+        return n if n is None or self.pool == "global" else n * layers
 
 
 def sizes(plan: LoadPlan, planned: PlannedStore | None = None) -> Sizes:
@@ -241,15 +253,15 @@ def place(plan: LoadPlan, sz: Sizes) -> Placement:
     budget = None
     if e.device_memory is not None:
         budget = choose_slots(cfg, plan.dtype, sz.slot, window=plan.window, chunk=plan.chunk, device=plan.device,
-                              scratch=sz.scratch, gib=e.device_memory, dense=sz.dense)
+                              scratch=sz.scratch, gib=e.device_memory, dense=sz.dense, pool=e.expert_pool)
         k = budget.k
     if sz.codec == "rows":  # no host copies when every expert has its slot
-        return Placement("table", k, home if k is None or k < n else None, budget)
+        return Placement("table", k, home if k is None or k < n else None, budget, e.expert_pool)
     cacheable = sz.store and sz.codec in ("fused", "prepacked", "ggml")
     if not sz.store and k in (None, n) and e.store is None and budget is None:
         return Placement("resident", n)
     if cacheable and (k == n or (k is None and not cuda)):
         return Placement("cached", n, "mmap")  # read once through the mapping, held in the kernel's layout
     if k is None and cuda:
-        return Placement("offloaded", None, home)  # K from the free memory, measured once the dense weights load
-    return Placement("offloaded", k or n, home, budget)
+        return Placement("offloaded", None, home, pool=e.expert_pool)  # from the free memory, once the dense load
+    return Placement("offloaded", k or n, home, budget, e.expert_pool)

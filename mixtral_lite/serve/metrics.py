@@ -26,7 +26,8 @@ class ExpertCollector:
         s = self._stats()
         if not s or "hit_rate" not in s:
             return
-        yield GaugeMetricFamily(P + "expert_hit_rate", "expert cache hits / lookups", value=s["hit_rate"] or 0.0)
+        yield GaugeMetricFamily(P + "expert_hit_rate", "expert uses served from a slot with no transfer this token "
+                                "/ expert uses", value=s["hit_rate"] or 0.0)
         recall = s.get("prefetch_recall")
         yield GaugeMetricFamily(P + "prefetch_recall", "prefetched experts later used / used experts",
                                 value=recall or 0.0)
@@ -34,6 +35,18 @@ class ExpertCollector:
                                   value=s["bytes_host_to_device"])
         yield CounterMetricFamily(P + "expert_hits", "expert cache hits", value=s["expert_hits"])
         yield CounterMetricFamily(P + "expert_misses", "expert cache misses", value=s["expert_misses"])
+        yield CounterMetricFamily(P + "prefetch_issued", "experts loaded by a prefetch",
+                                  value=s.get("prefetch_issued", 0))
+        yield CounterMetricFamily(P + "prefetch_used", "prefetched experts used at the step they were guessed for "
+                                  "(not counted as hits)", value=s.get("prefetch_used", 0))
+        yield CounterMetricFamily(P + "prefetch_wasted", "prefetched experts not used at that step",
+                                  value=s.get("prefetch_wasted", 0))
+        bus = CounterMetricFamily(P + "expert_bus_bytes", "expert bytes host -> device by whom they were for",
+                                  labels=["kind"])
+        for kind in ("demand_miss", "prefetch_used", "prefetch_wasted", "read_in_place", "admitted"):
+            if f"{kind}_bytes" in s:
+                bus.add_metric([kind], s[f"{kind}_bytes"])
+        yield bus
 
 
 class Metrics:
