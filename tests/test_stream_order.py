@@ -2,8 +2,8 @@
 
 The real transfer over the fake passes (prefill in waves, decode with prefetch, ram and mmap
 stores, converting loads); every mutant that removes or moves one wait or record is caught.
-`pytest --fake-cuda tests/test_offload_engine.py tests/test_offload_model.py tests/test_quant_store.py tests/test_hybrid.py tests/test_hybrid_model.py`
-runs those suites over the fake as well.
+`pytest --fake-cuda tests/test_offload_engine.py tests/test_offload_model.py tests/test_quant_store.py
+tests/test_hybrid.py tests/test_hybrid_model.py` runs those suites over the fake as well.
 """
 
 from __future__ import annotations
