@@ -1,6 +1,7 @@
 """ms per full-size Mixtral expert on the host, against the host's DRAM read bandwidth and llama.cpp's Q4_0 expert.
 
-    python benchmarks/cpu_expert.py [--threads 1 2] [--repeats 20] [--llama-tokens 12] [--workdir DIR] [--quick]
+    python benchmarks/cpu_expert.py [--threads 1 2] [--repeats 20] [--llama-tokens 12] [--workdir DIR] [--contention]
+                                    [--quick]
 
   ours       one Mixtral-8x7B expert (w1, w3 4096->14336 stacked as w13; w2 14336->4096), 4-bit codes in groups
              of 64 with a bf16 scale and zero per group (4.5 bits a weight: the slot layout a --prepack store
@@ -19,7 +20,8 @@
              else in the step (attention, output head, sampling) cancelling. Skipped when llama_cpp is not
              importable (PYTHONPATH=/work/lcpp/native).
 
-Medians of --repeats runs. --quick: a 512 -> 1792 expert (it fits in the caches: its % of DRAM says nothing),
+--contention adds the measurements behind "beside a copy" without a GPU (see `contention`). Medians of
+--repeats runs. --quick: a 512 -> 1792 expert (it fits in the caches: its % of DRAM says nothing),
 a 256 MiB stream, 1 thread, no llama.cpp. Writes benchmarks/results/cpu_expert[-quick].json.
 """
 
@@ -176,6 +178,54 @@ def measure(threads: int, host: HostExperts, d: int, expert_bytes: int, stream_b
     return row
 
 
+def contention(host: HostExperts, d: int, repeats: int, threads: int) -> dict:
+    """Why a host expert can run slower in a run than alone, measured without a GPU (ms, rotated experts):
+    beside a process streaming a DRAM read on another core (a stand-in for a copy's DMA reading the same
+    DRAM), and on a worker thread (as offload/engine.py runs host experts) while the main thread is idle,
+    runs pure Python (the engine's bookkeeping) or launches small torch ops (queueing the device's work;
+    each releases the GIL). The worker needs the GIL between the expert's ops: while the main thread runs
+    Python it gets it only at the interpreter's switch interval (sys.getswitchinterval(), 5 ms)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.set_num_threads(1)
+    out = {"alone_1_thread": time_expert(host, d, repeats, True) * 1e3}
+    reader = subprocess.Popen([sys.executable, "-c", "import time, torch\ntorch.set_num_threads(1)\n"
+                               "b = torch.ones(1 << 28)\nwhile True: b.sum()"])
+    try:
+        time.sleep(1.0)  # the reader is streaming
+        out["beside_a_dram_reader_1_thread"] = time_expert(host, d, repeats, True) * 1e3
+    finally:
+        reader.kill()
+        reader.wait()
+    torch.set_num_threads(threads)
+    pool = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(threads,))
+    x, n = torch.randn(1, d), host.store.num_experts
+
+    a, b = torch.ones(64), torch.empty(64)
+    main_thread = {"idle": None, "python": lambda: sum(range(256)),
+                   "torch_ops": lambda: [torch.add(a, a, out=b) for _ in range(16)]}
+
+    def on_worker(busy) -> float:
+        times = []
+        for r in range(n + repeats):
+            job = pool.submit(lambda r=r: (time.perf_counter(), host.run(0, r % n, x), time.perf_counter()))
+            while busy is not None and not job.done():
+                busy()
+            t0, _, t1 = job.result()
+            times.append(t1 - t0)
+        return statistics.median(times[n:]) * 1e3
+    for name, busy in main_thread.items():
+        out[f"worker_{threads}_threads_main_{name}"] = on_worker(busy)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(interval / 10)  # a mitigation: the main thread yields the GIL ten times as often
+    try:
+        out[f"worker_{threads}_threads_main_python_switch_{interval * 100:g}_ms"] = on_worker(main_thread["python"])
+    finally:
+        sys.setswitchinterval(interval)
+    pool.shutdown()
+    return out
+
+
 def markdown(rows: list[dict]) -> str:
     out = ["| threads | DRAM read GB/s | ours ms (from DRAM) | ours % of DRAM | ours ms (one expert re-read) "
            "| llama.cpp Q4_0 ms | llama.cpp % of DRAM | ours vs llama.cpp |", "|" + "---|" * 8]
@@ -194,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llama-tokens", type=int, default=12, help="tokens per llama.cpp run")
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "mixtral-lite-bench")
     p.add_argument("--quick", action="store_true", help="a small expert, 1 thread, no llama.cpp")
+    p.add_argument("--contention", action="store_true",
+                   help="also time the expert beside a DRAM-reading process and on a worker thread (see contention)")
     p.add_argument("--llama-child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.llama_child:
@@ -219,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
                          f"torch {torch.__version__}",
               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "quick": a.quick, "rows": rows}
+    if a.contention:
+        result["contention_ms"] = contention(host, d, repeats, max(threads))
+        print(json.dumps(result["contention_ms"], indent=1))
     write_json_atomic(RESULTS / f"cpu_expert{'-quick' if a.quick else ''}.json", result)
     print(markdown(rows))
     return 0
