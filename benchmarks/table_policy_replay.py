@@ -1,6 +1,7 @@
 """The table engine's admission rule on real Mixtral-8x7B routing: hit rate, bus bytes and the bus-bound rate.
 
-    python benchmarks/table_policy_replay.py [TRACE.jsonl ...] [--slots 2 3 4] [--bus-gbps 47] [--json]
+    python benchmarks/table_policy_replay.py [TRACE.jsonl ...] [--slots 2 3 4] [--bus-gbps 47]
+    # -> benchmarks/results/table_policy_replay.json (rows and assumptions) and a markdown table
 
 Replays ../shared/data/routing/ traces (top-2 of 8 experts per token and layer, recorded from Mixtral-8x7B-
 Instruct; a gap, where the recorder dropped a 0.5/0.5 tie, repeats the layer's previous choice) through the
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                    default=[TRACES / "humaneval-decode.jsonl", TRACES / "gsm8k-decode.jsonl"])
     p.add_argument("--slots", type=int, nargs="+", default=[2, 3, 4])
     p.add_argument("--bus-gbps", type=float, default=47.0, help="in-place read rate over the bus (H200: 47)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "table_policy_replay.json")
     a = p.parse_args(argv)
     rows = []
     for path in a.traces:
@@ -99,16 +101,19 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append({"dataset": dataset, "problem": problem, "tokens": len(seq), "slots": k,
                                  "rule": "gated" if gated else "admit-all", **r, "gb_per_token": gb,
                                  "bus_bound_tok_s": a.bus_gbps / gb})
-    print(f"assumptions: expert {EXPERT_BYTES / 1e6:.1f} MB (4-bit g64 rows layout), bus {a.bus_gbps} GB/s "
-          "(in-place reads and copies alike), per-layer slots, the device's own time left out", file=sys.stderr)
+    assumptions = (f"expert {EXPERT_BYTES / 1e6:.1f} MB (4-bit g64 rows layout), bus {a.bus_gbps} GB/s (in-place "
+                   "reads and copies alike), per-layer slots, the device's own time left out")
+    print(f"assumptions: {assumptions}", file=sys.stderr)
     print("| trace | K | rule | hit rate | misses/token | copies/token | GB/token | bus-bound tok/s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['dataset']} {r['problem']} ({r['tokens']} tokens) | {r['slots']} | {r['rule']} | "
               f"{r['hit_rate']:.3f} | {r['misses_per_token']:.1f} | {r['copies_per_token']:.1f} | "
               f"{r['gb_per_token']:.2f} | {r['bus_bound_tok_s']:.1f} |")
-    if a.json:
-        print(json.dumps(rows))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = a.out.with_name(a.out.name + ".tmp")
+    tmp.write_text(json.dumps({"assumptions": assumptions, "projection": True, "rows": rows}, indent=1))
+    os.replace(tmp, a.out)
     return 0
 
 

@@ -59,3 +59,27 @@ def test_cli_json_last_line(mixtral_ref, tmp_path, capsys):
     assert math.isclose(math.log(out["perplexity"]), out["nll"], rel_tol=1e-9)
     with pytest.raises(SystemExit, match="stride"):
         main(["-m", str(path), "-f", str(text), "--ctx", "8", "--stride", "8"])
+
+
+def test_cli_json_names_the_kernels_a_store_ran_on(mixtral_q_ref, tmp_path, capsys):
+    """benchmarks/cpu_capabilities.py reads this to show that each capability ran the int4 kernel, not a
+    fallback after a failed self-check."""
+    import importlib.util
+    from pathlib import Path
+
+    from mixtral_lite.model.qstore import DenseSettings
+    from offload.quant import QuantSpec
+
+    spec = importlib.util.spec_from_file_location(
+        "quantize_experts", Path(__file__).resolve().parents[1] / "tools" / "quantize_experts.py")
+    qe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qe)
+    store = tmp_path / "q4"
+    qe.convert(str(mixtral_q_ref[1]), str(store), QuantSpec(4, 64, 1, 8),
+               DenseSettings(QuantSpec(4, 64, 1, 16), False, 8, 8), progress=False)
+    text = tmp_path / "t.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune.")
+    main(["-m", str(store), "-f", str(text), "--ctx", "8", "--json", "--no-progress"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["kernels"]["int4"] == "fused int4 kernel", out["kernels"]
+    assert "int4 kernel" in out["kernels"]["experts"], out["kernels"]

@@ -138,6 +138,8 @@ def _main(args) -> None:
     res = perplexity(model, ids, tok.bos_id, args.ctx, stride, progress=not args.no_progress)
     res |= {"model": str(plan.model_dir), "file": str(args.file), "ctx": args.ctx, "stride": stride,
             "device": str(plan.device), "dtype": str(plan.dtype).removeprefix("torch.")}
+    if model.kernel_notes:  # which kernels the quantized weights ran on (a failed self-check falls back)
+        res["kernels"] = model.kernel_notes
     if model.experts is not None:
         res |= {k: v for k, v in model.experts.stats().items() if k in ("hit_rate", "bytes_per_token", "stall_s")}
     if args.json:
