@@ -2,6 +2,7 @@
 
     python benchmarks/bench_fullsize.py STORE [STORE ...] -k K [K ...] [--threads 1 2] [--tokens 12]
                                         [--prompt-len 8] [--prefetch off|next] [--drop-caches] [--timeout 1800]
+                                        [--trace ROUTING.jsonl]
 
 Each (store, K, threads) runs in its own process: load the store (`--store mmap`, K slots per layer,
 what `generate -m STORE --store mmap --experts-per-layer K` builds), prefill a short prompt, then decode
@@ -14,6 +15,9 @@ what `generate -m STORE --store mmap --experts-per-layer K` builds), prefill a s
   disk_mib_per_token /proc/self/io read_bytes per decoded token (bytes the kernel read from disk for us)
   slot_mib_per_token the engine's slot fills per token (misses x packed expert size)
 
+--trace: every MoE block routes as a recorded Mixtral-8x7B run did (benchmarks/routing_replay.py; the
+generated text is then not the model's), so hit rates, slot fills and disk reads reflect real locality
+rather than the synthetic weights' near-random routing; rows are keyed by the trace too.
 --drop-caches writes 3 to /proc/sys/vm/drop_caches before each run (root only) so every run starts cold.
 Writes benchmarks/results/bench_fullsize.json (merged by (store, K, threads)) and prints a markdown table;
 run from a checkout whose package is on the path (PYTHONPATH=. where another checkout is installed).
@@ -79,6 +83,12 @@ def child(job: dict) -> dict:
     c0 = counters()
     factory = offloading.make_factory(slots=job["k"], store="mmap", prefetch=job["prefetch"] == "next")
     model = load_model(job["store"], experts=factory)
+    replay = None
+    if job.get("trace"):
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from routing_replay import RoutingReplay
+
+        replay = RoutingReplay.from_trace(job["trace"]).install(model).summary()
     c1, cached1, rss_load = counters(), meminfo("Cached"), rss_split()
     prompt = [1] + [(1000 + 37 * j) % 31997 + 3 for j in range(job["prompt_len"] - 1)]
     stamps, ids = [], []
@@ -89,7 +99,7 @@ def child(job: dict) -> dict:
         if len(stamps) >= 2:  # a run cut by the timeout still reports the tokens it finished
             load = {"load_s": c1["t"] - c0["t"], "prefill_s": stamps[0]["t"] - c1["t"], "rss_after_load": rss_load,
                     "load_disk_gib": (c1["read"] - c0["read"]) / GIB}
-            out = summary(model, stamps, ids) | load | {"cached_gib": {
+            out = summary(model, stamps, ids) | load | {"routing_replay": replay} | {"cached_gib": {
                 "before": cached0 / GIB, "loaded": cached1 / GIB, "end": meminfo("Cached") / GIB}}
             Path(job["partial"]).write_text(json.dumps(out))
     return out
@@ -193,7 +203,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def row_key(r: dict) -> tuple:
-    return r["store"], r["k"], r["threads"], r.get("repeat", 0), r.get("label", "")
+    return r["store"], r["k"], r["threads"], r.get("repeat", 0), r.get("label", ""), r.get("trace") or ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="runs per (store, K, threads), each its own cold process")
     p.add_argument("--label", default="", help="a name for the conditions (rows are keyed by it too)")
     p.add_argument("--drop-caches", action="store_true")
+    p.add_argument("--trace", help="replay this real Mixtral routing trace (jsonl) instead of the router's choice")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--out", type=Path, default=OUT, help="JSON results (merged with what it holds)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -225,10 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         runs = [(rep, k, t) for rep in range(a.repeats) for k in a.experts_per_layer for t in a.threads]
         for rep, k, t in runs:  # a repeat comes after every setting has run once
             job = {"store": store, "k": k, "threads": t, "tokens": a.tokens, "prompt_len": a.prompt_len,
-                   "prefetch": a.prefetch, "partial": str(a.out.with_suffix(".partial.json"))}
+                   "prefetch": a.prefetch, "partial": str(a.out.with_suffix(".partial.json")), "trace": a.trace}
             r = {**job, **facts, **run_child(job, a.timeout, a.drop_caches), "drop_caches": a.drop_caches,
                  "repeat": rep, "label": a.label}
-            key = (store, k, t, rep, a.label)
+            key = (store, k, t, rep, a.label, a.trace or "")
             rows = [x for x in rows if row_key(x) != key] + [r]
             print(markdown([r]).splitlines()[-1], file=sys.stderr, flush=True)
             write_json_atomic(a.out, {"machine": f"{platform.machine()} {os.cpu_count()} cpus, "

@@ -142,19 +142,22 @@ def model_defaults(**fields):
         high.llama_cpp.llama_model_default_params = defaults
 
 
-def open_llama(gguf: Path, n_ctx: int, kv: str, threads: int = 2, logits_all: bool = False, repack: bool = True):
+def open_llama(gguf: Path, n_ctx: int, kv: str, threads: int = 2, logits_all: bool = False, repack: bool = True,
+               overrides: dict | None = None):
     """repack=False: multiply from the file's own blocks (llama.cpp's default interleaves Q4_0 matrices into
-    a copy at load; its build on a 2026-12-02 machine whose CPU reports AMX crashed there on every Q4_0 file)."""
+    a copy at load; its build on a 2026-12-02 machine whose CPU reports AMX crashed there on every Q4_0 file).
+    overrides: GGUF metadata to replace at load (llama.cpp's --override-kv), e.g. {"llama.expert_used_count": 8}."""
     from llama_cpp import Llama
 
     kv_types = {} if kv == "f16" else dict(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
     with model_defaults(use_extra_bufts=repack):
         return Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                     logits_all=logits_all, verbose=False, **kv_types)
+                     logits_all=logits_all, verbose=False, kv_overrides=overrides, **kv_types)
 
 
-def llama_engine(gguf: Path, prompt: list[int], n: int, n_ctx: int, kv: str, threads: int, repack: bool = True):
-    llm = open_llama(gguf, n_ctx, kv, threads, repack=repack)
+def llama_engine(gguf: Path, prompt: list[int], n: int, n_ctx: int, kv: str, threads: int, repack: bool = True,
+                 overrides: dict | None = None):
+    llm = open_llama(gguf, n_ctx, kv, threads, repack=repack, overrides=overrides)
 
     def run() -> tuple[float, list[int]]:
         llm.reset()  # empty KV cache: no reuse of the previous run's prompt

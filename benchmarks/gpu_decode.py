@@ -31,6 +31,7 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # routing_replay, in the child processes
 RESULTS = ROOT / "benchmarks" / "results"
 PROMPT = [1, 661, 349, 264, 5307, 25235, 22010, 28725, 369, 264, 2692, 676, 297, 15567, 302, 264, 1179, 28705]
 TRACE = ROOT.parent / "shared" / "data" / "routing" / "mixtral-8x7b-instruct" / "humaneval-decode.jsonl"
@@ -91,55 +92,6 @@ def profile(model, n: int = 9) -> dict:
     return out
 
 
-class Replay:
-    """Benchmark only: every MoE block routes as a recorded Mixtral-8x7B run did (one trace token per step).
-
-    The trace's top-2 ids and renormalised weights replace the router's choice after the router has run (its
-    cost stays); the step counter lives on the device, so a CUDA graph replays the trace too. Gaps in the
-    recording (0.5/0.5 ties were dropped, ../shared/data/README.md) take the layer's previous token's choice."""
-
-    def __init__(self, model, path: Path, problem: int | None = None):
-        import torch
-
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if problem is None:  # the longest problem
-            counts: dict = {}
-            for r in rows:
-                counts[r["problem_id"]] = max(counts.get(r["problem_id"], 0), r["token_idx"] + 1)
-            problem = max(counts, key=counts.get)
-        rows = [r for r in rows if r["problem_id"] == problem]
-        n, layers = max(r["token_idx"] for r in rows) + 1, model.config.num_layers
-        ids, w = [[None] * layers for _ in range(n)], [[None] * layers for _ in range(n)]
-        for r in (r for r in rows if r["layer"] < layers):  # a smaller model replays the first layers
-            ids[r["token_idx"]][r["layer"]], w[r["token_idx"]][r["layer"]] = r["experts"], r["gating_probs"]
-        self.gaps = 0
-        for t in range(n):
-            for layer in range(layers):
-                if ids[t][layer] is None:
-                    self.gaps += 1
-                    ids[t][layer], w[t][layer] = (ids[t - 1][layer], w[t - 1][layer]) if t else ([0, 1], [0.5, 0.5])
-        dev = model.embed.weight.device
-        self.ids = torch.tensor(ids, device=dev)  # [N, L, 2]
-        self.w = torch.tensor(w, device=dev, dtype=torch.float32)
-        self.n, self.layers, self.problem = n, layers, problem
-        self.step = torch.zeros(1, dtype=torch.long, device=dev)
-        for block in model.layers:
-            block.moe.route = self._route(block.index, block.moe.route)
-
-    def _route(self, layer: int, route):
-        import torch
-
-        def replayed(x):
-            route(x)  # the router's own cost stays in the step
-            rows = x.shape[0]
-            ids = self.ids.index_select(0, self.step)[0, layer].expand(rows, -1)
-            w = self.w.index_select(0, self.step)[0, layer].expand(rows, -1)
-            if layer == self.layers - 1:
-                torch.remainder(self.step + 1, self.n, out=self.step)
-            return w, ids
-        return replayed
-
-
 def child(job: dict) -> dict:
     """One configuration in this process."""
     import torch
@@ -162,9 +114,10 @@ def child(job: dict) -> dict:
     model.cuda_graphs = job.get("graphs", True)
     out = {"load_s": time.perf_counter() - t0, "experts": type(model.experts).__name__,
            "kernels": dict(getattr(model, "kernel_notes", {})), "max_reserved_gib": None}
-    if job.get("trace"):
-        replay = Replay(model, Path(job["trace"]))
-        out["trace"] = {"problem": replay.problem, "tokens": replay.n, "gaps": replay.gaps}
+    if job.get("trace"):  # real Mixtral routing (benchmarks/routing_replay.py: gaps, weights, rows)
+        from routing_replay import RoutingReplay
+
+        out["trace"] = RoutingReplay.from_trace(job["trace"]).install(model).summary()
     greedy(model, 4)  # warm-up: kernels compiled, graphs captured, caches filled
     n = job.get("tokens", 48)
     ids, seconds = greedy(model, n)

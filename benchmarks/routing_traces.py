@@ -34,7 +34,7 @@ class Seq:
     decode: list[list[int]]
 
 
-def _records(path: str) -> list[dict]:
+def records(path: str) -> list[dict]:
     out = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -62,7 +62,7 @@ def _split_prefill(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 def read_trace(path: str, limit: int | None = None) -> tuple[list[Seq], dict]:
     """Sequences per (problem, layer) and a gap report; `limit` keeps the first decode steps."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in _records(path):
+    for r in records(path):
         groups[(r["problem_id"], r["layer"])].append(r)
     seqs = []
     for (prob, layer), rows in sorted(groups.items()):

@@ -175,7 +175,7 @@ class TableEngine:
             for e in (e for row in rows for e in row):
                 hit = bool(in_slot[layer * E + e])
                 c["hits" if hit else "misses"] += 1
-                c["bytes_read_in_place"] += 0 if hit else self.store.layout.nbytes
+                c["bytes_read_in_place"] += 0 if hit else self.layout.nbytes
             for e in used:
                 self.uses[layer][e] += 1
             if self.host is not None:
@@ -247,8 +247,8 @@ class TableEngine:
                 done = COPIED
             self._admitting[key] = (layer, e, done)
             self.counters["copies"] += 1
-            self.counters["bytes_copied"] += self.store.layout.nbytes
-            self.counters["bytes_admitted"] += self.store.layout.nbytes
+            self.counters["bytes_copied"] += self.layout.nbytes
+            self.counters["bytes_admitted"] += self.layout.nbytes
 
     def _finish_admissions(self) -> bool:
         changed = False
@@ -310,15 +310,15 @@ class TableEngine:
         self.mirror[layer * self.num_experts + e] = self._slot_addr[key]
         self._upload()
         self.counters["copies"] += 1
-        self.counters["bytes_copied"] += self.store.layout.nbytes
-        self.counters["bytes_demand"] += self.store.layout.nbytes
+        self.counters["bytes_copied"] += self.layout.nbytes
+        self.counters["bytes_demand"] += self.layout.nbytes
         return key
 
     def _staged(self, layer: int, e: int) -> dict[str, torch.Tensor]:
         """A host expert copied into the device staging buffer (prefill, when no slot can be had)."""
         self._rows_staging.copy_(self.host[layer][e], non_blocking=True)
-        self.counters["bytes_copied"] += self.store.layout.nbytes
-        self.counters["bytes_demand"] += self.store.layout.nbytes
+        self.counters["bytes_copied"] += self.layout.nbytes
+        self.counters["bytes_demand"] += self.layout.nbytes
         return views(self._rows_staging, self.layout)
 
     # -- report --------------------------------------------------------------------------------
@@ -329,7 +329,7 @@ class TableEngine:
                 "expert_copies": c["copies"], "bytes_host_to_device": moved,
                 "bytes_read_in_place": c["bytes_read_in_place"], "bytes_copied": c["bytes_copied"],
                 "bytes_per_token": moved / c["tokens"] if c["tokens"] else None,
-                "device_expert_bytes": self.cache.allocated_bytes, "expert_bytes": self.store.layout.nbytes,
+                "device_expert_bytes": self.cache.allocated_bytes, "expert_bytes": self.layout.nbytes,
                 "stall_s": 0.0,  # a step never waits for a copy: a miss is read where it is
                 "prefetch_issued": 0, "prefetch_used": 0, "prefetch_wasted": 0,
                 "prefetch_recall": None, "miss_policy": "read", "expert_pool": self.cache.kind,

@@ -105,3 +105,20 @@ def test_calibration_on_the_cpu_measures_three_positive_costs(ckpt):
     c = calibrate(engine.host, engine.codec, engine.expert_fn, DIM, torch.float32, torch.device("cpu"))
     assert c.copy > 0 and c.cpu > 0 and c.gpu > 0
     assert "ms/expert" in MissPolicy("auto", c).describe()
+
+
+def test_calibration_times_experts_beyond_the_cache(ckpt, monkeypatch):
+    """The host figure is a median over experts holding over twice the largest cache (each read from DRAM, as a
+    miss's is), not one expert re-read (cache-resident wherever the L3 holds it)."""
+    from offload import host_experts
+
+    _, files = ckpt
+    engine = engine_with(files, MissPolicy("cpu"), slots=2, store="ram", prefetch=False)
+    seen = []
+    run = engine.host.run
+    monkeypatch.setattr(engine.host, "run", lambda layer, e, x: seen.append((layer, e)) or run(layer, e, x))
+    monkeypatch.setattr(host_experts, "largest_cache_bytes", lambda: 3 * EXPERT_BYTES)
+    host_experts.calibrate(engine.host, engine.codec, engine.expert_fn, DIM, torch.float32, torch.device("cpu"))
+    assert len(set(seen)) == 7 and seen[:7] == seen[7:14]  # ceil(2 * 3) + 1 experts, a warm pass, a timed one
+    monkeypatch.setattr(host_experts, "largest_cache_bytes", lambda: 100 * L * E * EXPERT_BYTES)
+    assert len(host_experts.beyond_cache(engine.host)) == L * E  # a store smaller than the cache: all of it

@@ -2,8 +2,8 @@
 
 The real transfer over the fake passes (prefill in waves, decode with prefetch, ram and mmap
 stores, converting loads); every mutant that removes or moves one wait or record is caught.
-`pytest --fake-cuda tests/test_offload_engine.py tests/test_offload_model.py tests/test_quant_store.py`
-runs those suites over the fake as well.
+`pytest --fake-cuda tests/test_offload_engine.py tests/test_offload_model.py tests/test_quant_store.py
+tests/test_hybrid.py tests/test_hybrid_model.py` runs those suites over the fake as well.
 """
 
 from __future__ import annotations
@@ -162,14 +162,15 @@ def test_staging_pinned_only_for_pageable_loads_and_timing_only_after_loads(ckpt
 
 @pytest.mark.slow
 def test_offload_suites_pass_under_the_fake():
-    """The engine, offloaded-model and quantized-store tests with every transfer over the checking fake."""
+    """The engine, offloaded-model, quantized-store and hybrid tests with every transfer over the checking fake."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     suites = ["tests/test_offload_engine.py", "tests/test_offload_model.py", "tests/test_quant_store.py",
-              "tests/test_pool_engine.py"]
+              "tests/test_pool_engine.py",
+              "tests/test_hybrid.py", "tests/test_hybrid_model.py"]  # every miss policy, K, ram/mmap
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--fake-cuda", *suites],
                          cwd=root, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:]

@@ -108,7 +108,7 @@ def test_offloaded_steps_equal_resident_steps_and_the_table_always_names_the_rig
             assert torch.equal(offloaded.moe.buffers[addr], offloaded.host[layer][e])
     s = offloaded.stats()
     assert s["expert_hits"] + s["expert_misses"] == 12 * offloaded.layers * 2
-    assert s["expert_copies"] > 0 and s["bytes_copied"] == s["expert_copies"] * offloaded.store.layout.nbytes
+    assert s["expert_copies"] > 0 and s["bytes_copied"] == s["expert_copies"] * offloaded.layout.nbytes
     assert resident.stats()["hit_rate"] == 1.0
 
 
