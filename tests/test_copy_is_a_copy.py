@@ -154,9 +154,13 @@ def test_hits_on_the_device_plus_misses_on_the_host_equal_all_copies(stores, kin
                 slots=k, store=store, miss_policy=policy,
                 transfer=lambda n, nbytes, f=fake: CudaTransfer(torch.device("cpu"), n, nbytes, f))
             model = load_model(stores[kind], dtype=torch.bfloat16, experts=factory)
-            got = greedy_logits(model, PROMPTS[0], 6)
+            got = greedy_logits(model, PROMPTS[0], 16)
         s = model.experts.stats()
-        assert fake.accesses > 0 and s["expert_hits"] + s["prefetch_used"] > 0  # served from a slot
+        assert fake.accesses > 0
+        if name == "cpu":  # no prefetch for misses that run on the host, and a host run admits nothing
+            assert s["expert_hits"] == s["prefetch_issued"] == 0
+        else:
+            assert s["expert_hits"] + s["prefetch_used"] > 0  # some uses served from a device slot
         assert s["expert_misses"] == s["expert_copies"] + s["cpu_expert_runs"]
         if name == "copy":
             want = got
