@@ -28,28 +28,15 @@ class CacheFull(RuntimeError):
     """Every slot a load could take holds a pinned expert."""
 
 
-class ExpertCache:
-    """pool [L, K, nbytes] uint8 on the device; nothing else is ever allocated here. Slot keys are
-    layer * K + slot."""
+class SlotPool:
+    """What both pools share: the bytes (any shape whose last dimension is one slot), who sits where,
+    and how often each layer used each expert. Slot keys index the pool's slots in storage order."""
 
-    kind = "layer"
-
-    def __init__(
-        self, num_layers: int, num_experts: int, slots: int, nbytes: int,
-        device: torch.device | str, policy: str = "lru",
-    ):
-        if not 1 <= slots <= num_experts:
-            raise ValueError(f"slots per layer must be in 1..{num_experts}, got {slots}")
-        self.num_layers, self.num_experts, self.slots, self.nbytes = num_layers, num_experts, slots, nbytes
-        self.num_slots = num_layers * slots
-        self.quota = slots  # slots a layer always has (GlobalCache's name for it)
-        self.pool = torch.empty((num_layers, slots, nbytes), dtype=torch.uint8, device=device)
-        self._flat = self.pool.view(self.num_slots, nbytes)
-        self.allocated_bytes = self.pool.numel()  # the pool's own allocations, all of them
-        self._slot_of: list[dict[int, int]] = [{} for _ in range(num_layers)]  # expert -> slot key
-        self._free: list[list[int]] = [list(range((layer + 1) * slots - 1, layer * slots - 1, -1))
-                                       for layer in range(num_layers)]
-        self.policies = [make_policy(policy, num_experts, slots) for _ in range(num_layers)]
+    def __init__(self, num_layers: int, num_experts: int, pool: torch.Tensor):
+        self.pool = pool
+        self._flat = pool.view(-1, pool.shape[-1])
+        self.allocated_bytes = pool.numel()  # the pool's own allocations, all of them
+        self._slot_of: list[dict[int, int]] = [{} for _ in range(num_layers)]  # per layer: expert -> slot key
         self._uses = [[0] * num_experts for _ in range(num_layers)]
 
     def buffer(self, key: int) -> torch.Tensor:
@@ -67,6 +54,28 @@ class ExpertCache:
     def uses(self, layer: int, expert: int) -> int:
         """Steps of `layer` that used `expert` so far (whether resident or not)."""
         return self._uses[layer][expert]
+
+
+class ExpertCache(SlotPool):
+    """pool [L, K, nbytes] uint8 on the device; nothing else is ever allocated here. Slot keys are
+    layer * K + slot."""
+
+    kind = "layer"
+
+    def __init__(
+        self, num_layers: int, num_experts: int, slots: int, nbytes: int,
+        device: torch.device | str, policy: str = "lru",
+    ):
+        if not 1 <= slots <= num_experts:
+            raise ValueError(f"slots per layer must be in 1..{num_experts}, got {slots}")
+        self.num_layers, self.num_experts, self.slots, self.nbytes = num_layers, num_experts, slots, nbytes
+        self.num_slots = num_layers * slots
+        self.quota = slots  # slots a layer always has (GlobalCache's name for it)
+        super().__init__(num_layers, num_experts,
+                         torch.empty((num_layers, slots, nbytes), dtype=torch.uint8, device=device))
+        self._free: list[list[int]] = [list(range((layer + 1) * slots - 1, layer * slots - 1, -1))
+                                       for layer in range(num_layers)]
+        self.policies = [make_policy(policy, num_experts, slots) for _ in range(num_layers)]
 
     def access(self, layer: int, expert: int) -> None:
         self._uses[layer][expert] += 1

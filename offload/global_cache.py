@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import torch
 
-from offload.cache import CacheFull, ExpertCache
+from offload.cache import CacheFull, ExpertCache, SlotPool
 from offload.policy import make_policy
 
 POOL_POLICIES = ("lru", "lfu")
 
 
-class GlobalCache:
+class GlobalCache(SlotPool):
     """pool [N, nbytes] uint8 on the device; slot keys are 0 .. N - 1."""
 
     kind = "global"
@@ -48,31 +48,13 @@ class GlobalCache:
                              "(markov is per layer: --expert-pool layer)")
         self.num_layers, self.num_experts, self.slots, self.nbytes = num_layers, num_experts, slots, nbytes
         self.num_slots = slots
-        self.pool = torch.empty((slots, nbytes), dtype=torch.uint8, device=device)
-        self.allocated_bytes = self.pool.numel()
-        self._slot_of: list[dict[int, int]] = [{} for _ in range(num_layers)]  # per layer: expert -> slot key
+        super().__init__(num_layers, num_experts, torch.empty((slots, nbytes), dtype=torch.uint8, device=device))
         self._free = list(range(slots - 1, -1, -1))
         self.quota = slots // num_layers  # slots no other layer may take from a layer
         self.policy = make_policy(policy, total, slots)
-        self._uses = [[0] * num_experts for _ in range(num_layers)]
 
     def _code(self, layer: int, expert: int) -> int:
         return layer * self.num_experts + expert
-
-    def buffer(self, key: int) -> torch.Tensor:
-        return self.pool[key]
-
-    def buffers(self) -> list[torch.Tensor]:
-        return list(self.pool)
-
-    def slot_of(self, layer: int, expert: int) -> int | None:
-        return self._slot_of[layer].get(expert)
-
-    def resident(self, layer: int) -> list[int]:
-        return list(self._slot_of[layer])
-
-    def uses(self, layer: int, expert: int) -> int:
-        return self._uses[layer][expert]
 
     def access(self, layer: int, expert: int) -> None:
         self._uses[layer][expert] += 1
