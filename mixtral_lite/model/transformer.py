@@ -170,12 +170,16 @@ class Block(nn.Module):
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         weights, ids = self.moe.route(flat)
-        guess = None
-        if next_block is not None and experts.wants_guess:
-            # the next layer's router on this layer's residual: a guess to prefetch by
-            guess = torch.topk(next_block.moe.router(next_block.post_attention_norm(h)).reshape(B * T, -1),
-                               self.moe.top_k, dim=-1).indices
+        guess = self.guess_next(h.reshape(B * T, D), experts, next_block)
         return h + experts.run(self.index, flat, ids, weights, guess).view(B, T, D)
+
+    def guess_next(self, h, experts: ExpertProvider, next_block: Block | None) -> torch.Tensor | None:
+        """The next layer's router on this layer's residual h [N, D]: ids [N, A] to prefetch by (None: no
+        next layer, or the experts provider does not prefetch)."""
+        if next_block is None or not experts.wants_guess:
+            return None
+        logits = next_block.moe.router.forward(next_block.post_attention_norm.forward(h))
+        return torch.topk(logits, self.moe.top_k, dim=-1).indices
 
     def decode(self, h, kv, rope, mask, experts: ExpertProvider | None, next_block: Block | None):
         """forward for one token per row, h [B, D] (see Transformer.decode)."""
@@ -184,11 +188,7 @@ class Block(nn.Module):
         if self.mlp is not None:
             return h + self.mlp.forward(x)
         weights, ids = self.moe.route(x)
-        guess = None
-        if next_block is not None and experts.wants_guess:
-            guess = torch.topk(next_block.moe.router.forward(next_block.post_attention_norm.forward(h)),
-                               self.moe.top_k, dim=-1).indices
-        return h + experts.run(self.index, x, ids, weights, guess)
+        return h + experts.run(self.index, x, ids, weights, self.guess_next(h, experts, next_block))
 
 
 class Transformer(nn.Module):
